@@ -1,0 +1,1 @@
+# CUDA module build rules (filled by the CUDA kernels)

@@ -1,0 +1,185 @@
+// Fused hard-negative loss on the CPU: logits, masking, logsumexp, loss and dL/dS of one similarity
+// block in at most three sweeps of each row, OpenMP over rows, SIMD over columns. The B x N logits
+// are never materialised: the caller hands row chunks (or column blocks) of S = Q C^T one at a
+// time, and dS overwrites S in place. Time O(rows * cols), extra memory O(1) per row.
+#include "hardneg_loss.h"
+
+#include <cmath>
+#include <limits>
+
+#include "hardneg/hardneg_loss_math.h"
+
+namespace hardneg {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Column range [lo, hi) of a row with the positive excluded: negatives only, so the inner loops
+// carry no positive test and vectorise. The positive is handled once per row by the caller.
+struct RowView {
+  const float* s;
+  const int64_t* col_ids;  // null when unmasked
+  int64_t row_id;
+  float c_neg;  // logit of a negative = c_neg * s (llave adds alpha * sg(s), a linear shift)
+};
+
+template <bool kMask>
+float max_range(const RowView& r, int64_t lo, int64_t hi, float m) {
+#pragma omp simd reduction(max : m)
+  for (int64_t j = lo; j < hi; ++j) {
+    const float z = r.s[j] * r.c_neg;
+    const bool masked = kMask && r.col_ids[j] == r.row_id;
+    m = std::fmax(m, masked ? kNegInf : z);
+  }
+  return m;
+}
+
+template <bool kMask>
+float sum_exp_range(const RowView& r, int64_t lo, int64_t hi, float m) {
+  float l = 0.0f;
+#pragma omp simd reduction(+ : l)
+  for (int64_t j = lo; j < hi; ++j) {
+    const float e = std::exp(r.s[j] * r.c_neg - m);
+    const bool masked = kMask && r.col_ids[j] == r.row_id;
+    l += masked ? 0.0f : e;
+  }
+  return l;
+}
+
+// dS_j = scale * P_j * amp_j for the negatives of [lo, hi), in place. scale folds 1/tau.
+template <LossMode kMode, bool kMask>
+void grad_range(float* s, const RowView& r, int64_t lo, int64_t hi, float lse, float s_pos,
+                float scale, float beta, float margin) {
+#pragma omp simd
+  for (int64_t j = lo; j < hi; ++j) {
+    const float sj = s[j];
+    float g = std::exp(sj * r.c_neg - lse) * scale;
+    if constexpr (kMode == LossMode::kEga) g *= hardneg_ega_amp(sj, s_pos, beta, margin);
+    const bool masked = kMask && r.col_ids[j] == r.row_id;
+    s[j] = masked ? 0.0f : g;
+  }
+}
+
+float neg_coefficient(const HardnegLossParams& p) {
+  return p.mode == LossMode::kLlave ? p.inv_tau + p.alpha : p.inv_tau;
+}
+
+bool has_mask(const HardnegLossParams& p) { return p.row_ids != nullptr && p.col_ids != nullptr; }
+
+template <bool kMask>
+void row_stats(const RowView& r, int64_t cols, int64_t pos, float z_pos_or_ninf, float& m,
+               float& l) {
+  // Negatives on both sides of the positive (pos may be outside the block).
+  const int64_t split = pos < 0 ? 0 : (pos > cols ? cols : pos);
+  const int64_t after = (pos >= 0 && pos < cols) ? pos + 1 : split;
+  m = z_pos_or_ninf;
+  m = max_range<kMask>(r, 0, split, m);
+  m = max_range<kMask>(r, after, cols, m);
+  if (m == kNegInf) {
+    l = 0.0f;
+    return;
+  }
+  l = z_pos_or_ninf == kNegInf ? 0.0f : std::exp(z_pos_or_ninf - m);
+  l += sum_exp_range<kMask>(r, 0, split, m);
+  l += sum_exp_range<kMask>(r, after, cols, m);
+}
+
+template <LossMode kMode, bool kMask>
+void grad_row(const HardnegLossParams& p, int64_t i, float lse, float s_pos) {
+  float* s = p.s + i * p.ld_s;
+  const RowView r{s, p.col_ids, kMask ? p.row_ids[i] : 0, neg_coefficient(p)};
+  const float scale = p.grad_scale * (p.row_scale ? p.row_scale[i] : 1.0f) * p.inv_tau;
+  const int64_t pos = p.pos_offset + i;
+  const bool pos_here = pos >= 0 && pos < p.cols;
+  const int64_t split = pos < 0 ? 0 : (pos > p.cols ? p.cols : pos);
+  const int64_t after = pos_here ? pos + 1 : split;
+  grad_range<kMode, kMask>(s, r, 0, split, lse, s_pos, scale, p.ega_beta, p.ega_margin);
+  grad_range<kMode, kMask>(s, r, after, p.cols, lse, s_pos, scale, p.ega_beta, p.ega_margin);
+  if (pos_here) {
+    const float z = hardneg_logit(s[pos], true, kMode, p.inv_tau, p.alpha);
+    s[pos] = hardneg_grad(std::exp(z - lse), true, 1.0f, p.inv_tau) * p.grad_scale *
+             (p.row_scale ? p.row_scale[i] : 1.0f);
+  }
+}
+
+template <LossMode kMode, bool kMask>
+void rows_impl(const HardnegLossParams& p) {
+#pragma omp parallel for schedule(static) num_threads(p.num_threads) if (p.num_threads > 1)
+  for (int64_t i = 0; i < p.rows; ++i) {
+    const float* s = p.s + i * p.ld_s;
+    const RowView r{s, p.col_ids, kMask ? p.row_ids[i] : 0, neg_coefficient(p)};
+    const int64_t pos = p.pos_offset + i;
+    const float s_pos = s[pos];
+    const float z_pos = hardneg_logit(s_pos, true, kMode, p.inv_tau, p.alpha);
+    float m, l;
+    row_stats<kMask>(r, p.cols, pos, z_pos, m, l);
+    const float lse = m + std::log(l);
+    p.lse[i] = lse;
+    p.z_pos[i] = z_pos;
+    p.s_pos[i] = s_pos;
+    p.loss[i] = lse - z_pos;
+    if (p.need_grad) grad_row<kMode, kMask>(p, i, lse, s_pos);
+  }
+}
+
+template <LossMode kMode, bool kMask>
+void block_update_impl(const HardnegLossParams& p) {
+#pragma omp parallel for schedule(static) num_threads(p.num_threads) if (p.num_threads > 1)
+  for (int64_t i = 0; i < p.rows; ++i) {
+    const float* s = p.s + i * p.ld_s;
+    const RowView r{s, p.col_ids, kMask ? p.row_ids[i] : 0, neg_coefficient(p)};
+    const int64_t pos = p.pos_offset + i;
+    float z_pos = kNegInf;
+    if (pos >= 0 && pos < p.cols) {
+      p.s_pos[i] = s[pos];
+      z_pos = hardneg_logit(s[pos], true, kMode, p.inv_tau, p.alpha);
+      p.z_pos[i] = z_pos;
+    }
+    float m, l;
+    row_stats<kMask>(r, p.cols, pos, z_pos, m, l);
+    hardneg_lse_merge(p.run_max[i], p.run_sum[i], m, l);
+  }
+}
+
+template <LossMode kMode, bool kMask>
+void block_grad_impl(const HardnegLossParams& p) {
+#pragma omp parallel for schedule(static) num_threads(p.num_threads) if (p.num_threads > 1)
+  for (int64_t i = 0; i < p.rows; ++i) grad_row<kMode, kMask>(p, i, p.lse[i], p.s_pos[i]);
+}
+
+// Turns the runtime mode and masking flag into template parameters.
+template <template <LossMode, bool> class Kernel>
+void dispatch(const HardnegLossParams& p) {
+  const bool mask = has_mask(p);
+  switch (p.mode) {
+    case LossMode::kInfoNCE:
+      return mask ? Kernel<LossMode::kInfoNCE, true>::run(p)
+                  : Kernel<LossMode::kInfoNCE, false>::run(p);
+    case LossMode::kLlave:
+      return mask ? Kernel<LossMode::kLlave, true>::run(p)
+                  : Kernel<LossMode::kLlave, false>::run(p);
+    case LossMode::kEga:
+      return mask ? Kernel<LossMode::kEga, true>::run(p) : Kernel<LossMode::kEga, false>::run(p);
+  }
+}
+
+template <LossMode kMode, bool kMask>
+struct RowsKernel {
+  static void run(const HardnegLossParams& p) { rows_impl<kMode, kMask>(p); }
+};
+template <LossMode kMode, bool kMask>
+struct BlockUpdateKernel {
+  static void run(const HardnegLossParams& p) { block_update_impl<kMode, kMask>(p); }
+};
+template <LossMode kMode, bool kMask>
+struct BlockGradKernel {
+  static void run(const HardnegLossParams& p) { block_grad_impl<kMode, kMask>(p); }
+};
+
+}  // namespace
+
+void hardneg_loss_rows_cpu(const HardnegLossParams& p) { dispatch<RowsKernel>(p); }
+void hardneg_loss_block_update_cpu(const HardnegLossParams& p) { dispatch<BlockUpdateKernel>(p); }
+void hardneg_loss_block_grad_cpu(const HardnegLossParams& p) { dispatch<BlockGradKernel>(p); }
+
+}  // namespace hardneg

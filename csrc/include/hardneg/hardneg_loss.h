@@ -1,0 +1,57 @@
+// Parameters of the fused hard-negative loss kernels (CPU and CUDA), torch-free.
+//
+// One similarity block S (rows x cols, fp32) is the unit of work: rows are queries (or targets in
+// the symmetric direction), columns a contiguous range of candidates. The row schedule passes the
+// whole candidate row at once; the ring schedule passes column blocks and merges online.
+#pragma once
+
+#include <cstdint>
+
+namespace hardneg {
+
+// Codes match hardneg._constants.MODES order.
+enum class LossMode : int32_t { kInfoNCE = 0, kLlave = 1, kEga = 2 };
+
+struct HardnegLossParams {
+  // Similarity block, row-major with row stride ld_s; overwritten with dL/dS by grad kernels.
+  float* s = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t ld_s = 0;
+
+  // Positive of row i is column pos_offset + i of this block (it may lie outside [0, cols)).
+  int64_t pos_offset = 0;
+
+  // False-negative masking: column j is masked for row i when col_ids[j] == row_ids[i] and j is
+  // not the positive. Either pointer null disables masking.
+  const int64_t* row_ids = nullptr;  // (rows)
+  const int64_t* col_ids = nullptr;  // (cols)
+
+  // Loss definition (design section 1).
+  LossMode mode = LossMode::kLlave;
+  float inv_tau = 50.0f;
+  float alpha = 9.0f;
+  float ega_beta = 0.0f;
+  float ega_margin = 0.0f;
+
+  // Per-row statistics (rows each): lse = logsumexp_j z_ij, z_pos / s_pos = logit and similarity
+  // of the positive, loss = lse - z_pos. The online kernels keep a running max m and sum l.
+  float* lse = nullptr;
+  float* loss = nullptr;
+  float* z_pos = nullptr;
+  float* s_pos = nullptr;
+  float* run_max = nullptr;
+  float* run_sum = nullptr;
+
+  // Gradient scale: dS_ij = grad_scale * row_scale[i] * (Pbar_ij - Y_ij) / tau; row_scale may be
+  // null (1). need_grad asks the row kernel to write dS in place after the loss.
+  float grad_scale = 1.0f;
+  const float* row_scale = nullptr;
+  bool need_grad = false;
+
+  // CPU threads (at least 1); CUDA stream handle (cudaStream_t as an integer).
+  int32_t num_threads = 1;
+  uintptr_t stream = 0;
+};
+
+}  // namespace hardneg
