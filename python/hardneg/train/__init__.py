@@ -1,0 +1,1 @@
+"""Training: typed config, GradCache, atomic checkpoints, distributed helpers, the trainer."""
