@@ -1,0 +1,658 @@
+"""Benchmark of hardneg_loss (the fused hard-negative contrastive loss) on the CPU.
+
+Providers, side by side in one run:
+  hardneg        hardneg.fused_hardneg_loss (row chunks, fused C++ kernel, gradient in the forward)
+  reference      hardneg.reference.hardneg_loss_reference, eager (materialised B x N logits)
+  compile        torch.compile(hardneg_loss_reference)
+  torch_chunked  the strongest loss a user could write without hardneg: the same row chunks and
+                 chunk size, torch elementwise ops (in place where possible), the gradient computed
+                 in the forward the same way (torch_chunked_hardneg_loss below)
+  gemm           the bound: the 3 bare fp32 GEMMs of the same shapes (S = Q C^T; dQ = dS C and
+                 dC = dS^T Q), timed in the same rounds
+Modes: forward (under no_grad), backward (backward only, after an untimed forward), full (both).
+Threads: 1 and 2 (torch.set_num_threads; hardneg passes torch.get_num_threads() to OpenMP).
+
+    python -m benchmarks.bench_loss                 # full run, writes benchmarks/results/
+    python -m benchmarks.bench_loss --quick         # small shapes, a smoke test of the script
+
+Legend: B queries, M hard negatives per query, N = B + B*M candidates, D embedding dim,
+R rows in a chunk. Suffixes name shapes: q_BD, c_ND, s_RN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import warnings
+
+import hardneg
+import torch
+from hardneg import loss as hardneg_loss_module
+from hardneg._constants import ALPHA, EGA_BETA, EGA_MARGIN, TEMPERATURE
+from hardneg.reference import hardneg_loss_reference
+from torch import Tensor
+
+from benchmarks import common
+
+PROVIDERS = ("hardneg", "reference", "compile", "torch_chunked")
+MODES = ("forward", "backward", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    B: int
+    N: int
+    D: int
+    mode: str = "llave"
+    symmetric: bool = False
+    masked: bool = False  # duplicate ids, so the false-negative mask is exercised
+    repeats: int = 7
+
+    @property
+    def M(self) -> int:
+        return self.N // self.B - 1
+
+    @property
+    def name(self) -> str:
+        extra = "+sym" if self.symmetric else ""
+        extra += "+mask" if self.masked else ""
+        return f"B={self.B} N={self.N} D={self.D} {self.mode}{extra}"
+
+    def gemm_flops(self, mode: str) -> float:
+        """FLOPs of the GEMMs the loss needs (elementwise work not counted)."""
+        per_gemm = 2.0 * self.B * self.N * self.D
+        sym = 2.0 * self.B * self.B * self.D if self.symmetric else 0.0
+        n_gemms = {"forward": 1, "backward": 2, "full": 3}[mode]
+        return n_gemms * (per_gemm + sym)
+
+
+# The one shape list: the three target shapes first, then an infonce symmetric masked row and an ega
+# masked row. Fewer repeats where the eager reference takes seconds per call.
+SHAPES = (
+    Shape(512, 8192, 1024),
+    Shape(1024, 16384, 64),
+    Shape(1024, 65536, 256, repeats=3),
+    Shape(512, 4096, 256, mode="infonce", symmetric=True, masked=True),
+    Shape(512, 8192, 256, mode="ega", masked=True),
+)
+QUICK_SHAPES = (
+    Shape(64, 512, 32, repeats=3),
+    Shape(64, 256, 16, mode="infonce", symmetric=True, masked=True, repeats=3),
+    Shape(48, 192, 24, mode="ega", masked=True, repeats=3),
+)
+
+
+def make_inputs(shape: Shape, *, seed: int = 0) -> dict:
+    """L2-normalised fp32 query (B, D), target (B, D), hard_negatives (B, M, D) and, when masked,
+    int64 ids with duplicates. Built without large temporaries (memory probes rely on it)."""
+    g = torch.Generator().manual_seed(seed)
+    B, M, D = shape.B, shape.M, shape.D
+    q_BD = torch.randn(B, D, generator=g)
+    t_BD = torch.randn(B, D, generator=g)
+    h_BMD = torch.randn(B, M, D, generator=g)
+    for x in (q_BD, t_BD, h_BMD):
+        x.div_(torch.linalg.vector_norm(x, dim=-1, keepdim=True))
+    # Correlate positives with their queries so the loss is not at its random-init plateau.
+    t_BD.add_(q_BD, alpha=2.0).div_(torch.linalg.vector_norm(t_BD, dim=-1, keepdim=True))
+    inputs = {"query": q_BD, "target": t_BD, "hard_negatives": h_BMD if M > 0 else None}
+    if shape.masked:
+        # Every 16th target repeats an earlier id; hard negatives draw ids that sometimes collide.
+        target_ids = torch.arange(B) % (B - B // 16)
+        inputs["target_ids"] = target_ids
+        inputs["hard_negative_ids"] = torch.randint(0, 4 * B, (B, M), generator=g)
+    else:
+        inputs["target_ids"] = None
+        inputs["hard_negative_ids"] = None
+    return inputs
+
+
+def loss_kwargs(shape: Shape) -> dict:
+    return {"mode": shape.mode, "symmetric": shape.symmetric}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure-torch row-chunked loss
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_row_pass(
+    rows_BD: Tensor,
+    cands_ND: Tensor,
+    row_ids_B: Tensor | None,
+    col_ids_N: Tensor | None,
+    opts: dict,
+    chunk_size: int,
+    loss_B: Tensor,
+    grad_scale: float,
+    d_rows_BD: Tensor | None,
+    d_cands_ND: Tensor | None,
+) -> None:
+    """hardneg's row schedule in torch ops: row i's positive is candidate i; writes loss_B and, when
+    d_rows_BD is given, accumulates the gradients of grad_scale * sum(loss)."""
+    B = rows_BD.shape[0]
+    inv_tau = 1.0 / opts["temperature"]
+    c_neg = inv_tau + (opts["alpha"] if opts["mode"] == "llave" else 0.0)
+    ega = opts["mode"] == "ega"
+    for r0 in range(0, B, chunk_size):
+        r1 = min(B, r0 + chunk_size)
+        rr = torch.arange(r1 - r0)
+        pos = torch.arange(r0, r1)
+        s_RN = rows_BD[r0:r1] @ cands_ND.T  # (R, D) x (D, N) -> (R, N)
+        s_pos_R = s_RN[rr, pos]
+        z_pos_R = s_pos_R * inv_tau
+        # ega needs s for its amplification; other modes turn s into z in place.
+        z_RN = s_RN * c_neg if ega else s_RN.mul_(c_neg)
+        if row_ids_B is not None:
+            z_RN.masked_fill_(col_ids_N[None, :] == row_ids_B[r0:r1, None], float("-inf"))
+        z_RN[rr, pos] = z_pos_R
+        lse_R = torch.logsumexp(z_RN, dim=1)
+        torch.sub(lse_R, z_pos_R, out=loss_B[r0:r1])
+        if d_rows_BD is None:
+            continue
+        p_RN = z_RN.sub_(lse_R[:, None]).exp_()
+        if ega:
+            amp_RN = s_RN.sub_(s_pos_R[:, None]).add_(opts["ega_margin"]).clamp_min_(0)
+            p_RN.mul_(amp_RN.mul_(opts["ega_beta"]).exp_())
+            p_RN[rr, pos] = (z_pos_R - lse_R).exp()
+        p_RN[rr, pos] -= 1.0
+        ds_RN = p_RN.mul_(inv_tau * grad_scale)
+        d_rows_BD[r0:r1].addmm_(ds_RN, cands_ND)  # (R, N) x (N, D) -> (R, D)
+        d_cands_ND.addmm_(ds_RN.T, rows_BD[r0:r1])  # (N, R) x (R, D) -> (N, D)
+
+
+class _TorchChunkedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, target, hard_negatives, target_ids, hard_negative_ids, opts):
+        B, D = query.shape
+        c_ND = (
+            target if hard_negatives is None else torch.cat([target, hard_negatives.flatten(0, 1)])
+        )
+        ids_N = target_ids
+        if hard_negatives is not None and target_ids is not None:
+            ids_N = torch.cat([target_ids, hard_negative_ids.flatten()])
+        N = c_ND.shape[0]
+        need_grad = any(ctx.needs_input_grad[:3])
+        grad_scale = (1.0 / B) * (0.5 if opts["symmetric"] else 1.0)
+        dq_BD = torch.zeros_like(query) if need_grad else None
+        dc_ND = torch.zeros_like(c_ND) if need_grad else None
+        loss_B = query.new_empty(B)
+        chunk = hardneg_loss_module.default_chunk_size(N)
+        _torch_row_pass(
+            query, c_ND, target_ids, ids_N, opts, chunk, loss_B, grad_scale, dq_BD, dc_ND
+        )
+        if opts["symmetric"]:
+            loss_t_B = torch.empty_like(loss_B)
+            _torch_row_pass(
+                target,
+                query,
+                target_ids,
+                target_ids,
+                opts,
+                hardneg_loss_module.default_chunk_size(B),
+                loss_t_B,
+                grad_scale,
+                dc_ND[:B] if need_grad else None,
+                dq_BD,
+            )
+            loss_B = (loss_B + loss_t_B) * 0.5
+        ctx.has_hard_negatives = hard_negatives is not None
+        if need_grad:
+            ctx.save_for_backward(dq_BD, dc_ND)
+        return loss_B.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dq_BD, dc_ND = ctx.saved_tensors
+        B = dq_BD.shape[0]
+        dh = None
+        if ctx.has_hard_negatives:
+            dh = (dc_ND[B:] * grad_loss).view(B, -1, dq_BD.shape[1])
+        return dq_BD * grad_loss, dc_ND[:B] * grad_loss, dh, None, None, None
+
+
+def torch_chunked_hardneg_loss(
+    query: Tensor,
+    target: Tensor,
+    *,
+    hard_negatives: Tensor | None = None,
+    target_ids: Tensor | None = None,
+    hard_negative_ids: Tensor | None = None,
+    mode: str = "llave",
+    temperature: float = TEMPERATURE,
+    alpha: float = ALPHA,
+    ega_beta: float = EGA_BETA,
+    ega_margin: float = EGA_MARGIN,
+    symmetric: bool = False,
+) -> Tensor:
+    """Mean hardneg loss in plain torch with hardneg's row schedule (fp32 inputs only).
+
+    query, target (B, D); hard_negatives (B, M, D); ids as in fused_hardneg_loss. Extra memory is
+    O(R x N) per chunk plus [target; hard_negatives] and the saved gradients, like hardneg's.
+    """
+    opts = {
+        "mode": mode,
+        "temperature": temperature,
+        "alpha": alpha,
+        "ega_beta": ega_beta,
+        "ega_margin": ega_margin,
+        "symmetric": symmetric,
+    }
+    return _TorchChunkedLoss.apply(
+        query, target, hard_negatives, target_ids, hard_negative_ids, opts
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers
+# ---------------------------------------------------------------------------------------------
+
+_compiled_reference = None
+
+
+def provider_fn(name: str, shape: Shape):
+    """fn(**inputs) -> scalar loss for one provider."""
+    global _compiled_reference
+    kw = loss_kwargs(shape)
+    if name == "hardneg":
+        return lambda **x: hardneg.fused_hardneg_loss(**x, **kw)
+    if name == "hardneg_recompute":
+        # The recomputing backward (the path reduction="none" takes), forced for the ablation.
+        return lambda **x: _hardneg_recompute(x, kw)
+    if name.startswith("hardneg_chunk"):
+        rows = int(name.removeprefix("hardneg_chunk"))
+        return lambda **x: hardneg.fused_hardneg_loss(**x, **kw, chunk_size=rows)
+    if name == "reference":
+        return lambda **x: hardneg_loss_reference(**x, **kw)
+    if name == "compile":
+        if _compiled_reference is None:
+            # Shapes, grad mode and thread count each compile a graph; keep them all compiled
+            # rather than let dynamo fall back to eager silently at its default limit of 8.
+            torch._dynamo.config.recompile_limit = 256
+            torch._dynamo.config.accumulated_recompile_limit = 4096
+            _compiled_reference = torch.compile(hardneg_loss_reference, dynamic=False)
+        return lambda **x: _compiled_reference(**x, **kw)
+    if name == "torch_chunked":
+        return lambda **x: torch_chunked_hardneg_loss(**x, **kw)
+    raise ValueError(f"unknown provider {name!r}")
+
+
+def _hardneg_recompute(x: dict, kw: dict) -> Tensor:
+    wants_grad = torch.is_grad_enabled() and x["query"].requires_grad
+    loss, _, _ = hardneg_loss_module._hardneg_loss_op(
+        x["query"],
+        x["target"],
+        x["hard_negatives"],
+        x["target_ids"],
+        x["hard_negative_ids"],
+        kw["mode"],
+        TEMPERATURE,
+        ALPHA,
+        EGA_BETA,
+        EGA_MARGIN,
+        kw["symmetric"],
+        "mean",
+        0,
+        True,
+        False,
+    )
+    assert not wants_grad or loss.requires_grad
+    return loss
+
+
+def _with_grad(inputs: dict) -> dict:
+    return {
+        k: (
+            v.detach().requires_grad_(True)
+            if k in ("query", "target", "hard_negatives") and v is not None
+            else v
+        )
+        for k, v in inputs.items()
+    }
+
+
+def _clear_grads(x: dict) -> None:
+    for k in ("query", "target", "hard_negatives"):
+        if x[k] is not None:
+            x[k].grad = None
+
+
+def make_call(fn, inputs: dict, mode: str):
+    """A zero-argument callable running `mode` once; a backward call times itself and returns the
+    seconds of the backward alone."""
+    import time
+
+    if mode == "forward":
+
+        def call():
+            with torch.no_grad():
+                return fn(**inputs)
+
+        return call
+    x = _with_grad(inputs)
+
+    if mode == "full":
+
+        def call():
+            _clear_grads(x)
+            fn(**x).backward()
+
+        return call
+
+    def call():
+        _clear_grads(x)
+        loss = fn(**x)
+        t0 = time.perf_counter()
+        loss.backward()
+        return time.perf_counter() - t0
+
+    return call
+
+
+def gemm_calls(shape: Shape, inputs: dict) -> dict:
+    """The bound: fp32 GEMMs of the loss's shapes (plus the B x B ones when symmetric)."""
+    q_BD, t_BD = inputs["query"], inputs["target"]
+    h = inputs["hard_negatives"]
+    c_ND = t_BD if h is None else torch.cat([t_BD, h.flatten(0, 1)])
+    B, N, D = shape.B, c_ND.shape[0], shape.D
+    s_BN = torch.empty(B, N)
+    ds_BN = torch.randn(B, N) * 1e-3
+    dq_BD, dc_ND = torch.empty(B, D), torch.empty(N, D)
+    sym = shape.symmetric
+    s_BB, dt_BD = torch.empty(B, B), torch.empty(B, D)
+
+    def fwd():
+        torch.mm(q_BD, c_ND.T, out=s_BN)  # (B, D) x (D, N)
+        if sym:
+            torch.mm(t_BD, q_BD.T, out=s_BB)
+
+    def bwd():
+        torch.mm(ds_BN, c_ND, out=dq_BD)  # (B, N) x (N, D)
+        torch.mm(ds_BN.T, q_BD, out=dc_ND)  # (N, B) x (B, D)
+        if sym:
+            torch.mm(s_BB, q_BD, out=dt_BD)
+            torch.mm(s_BB.T, t_BD, out=dq_BD)
+
+    return {"gemm_fwd": fwd, "gemm_bwd": bwd}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks, timing and memory
+# ---------------------------------------------------------------------------------------------
+
+
+def check_providers(shapes) -> None:
+    """Every provider agrees with the eager reference (value and query gradient) before timing."""
+    for shape in shapes:
+        small = dataclasses.replace(shape, B=min(shape.B, 64), N=min(shape.B, 64) * (shape.M + 1))
+        small = dataclasses.replace(small, N=small.B * (min(shape.M, 3) + 1))
+        inputs = make_inputs(small, seed=1)
+        x_ref = _with_grad(inputs)
+        ref = hardneg_loss_reference(**x_ref, **loss_kwargs(small))
+        ref.backward()
+        for name in ("hardneg", "hardneg_recompute", "torch_chunked"):
+            x = _with_grad(inputs)
+            val = provider_fn(name, small)(**x)
+            val.backward()
+            torch.testing.assert_close(val, ref, rtol=1e-4, atol=1e-5, msg=f"{name} loss, {small}")
+            for k in ("query", "target"):
+                torch.testing.assert_close(
+                    x[k].grad, x_ref[k].grad, rtol=1e-3, atol=1e-6, msg=f"{name} d{k}, {small}"
+                )
+
+
+def time_shape(shape: Shape, threads: int, providers, *, repeats: int) -> dict:
+    torch.set_num_threads(threads)
+    inputs = make_inputs(shape)
+    out = {}
+    gemms = gemm_calls(shape, inputs)
+    for mode in MODES:
+        calls = {p: make_call(provider_fn(p, shape), inputs, mode) for p in providers}
+        calls.update(gemms)
+        timed = common.time_interleaved(calls, repeats=repeats, warmup=1)
+        out[mode] = timed
+        print(
+            f"  {shape.name} t={threads} {mode}: "
+            + ", ".join(f"{k} {v['median_s'] * 1e3:.1f}" for k, v in timed.items())
+            + " ms",
+            flush=True,
+        )
+    return out
+
+
+def memory_probe(shape_index: int, provider: str, mode: str, quick: bool) -> dict:
+    """Body of the fresh-process probe: extra peak RSS of one `mode` call of `provider`."""
+    torch.set_num_threads(1)
+    shapes = QUICK_SHAPES if quick else SHAPES
+    shape = shapes[shape_index]
+    fn = provider_fn(provider, shape)
+    if provider == "compile":
+        # Inductor compiles per shape: warm up on the measured shape so compilation is not counted.
+        warm_inputs = make_inputs(shape)
+    else:
+        warm_inputs = make_inputs(dataclasses.replace(shape, B=16, N=16 * (min(shape.M, 3) + 1)))
+    make_call(fn, warm_inputs, mode)()
+    del warm_inputs
+    inputs = make_inputs(shape)
+    call = make_call(fn, inputs, mode)
+    rec = common.measure_call_peak(call)
+    rec.update(provider=provider, mode=mode, shape=shape.name)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def summarise(shape: Shape, timings: dict) -> list[dict]:
+    """Rows (provider, mode) with median ms, GFLOP/s, ratio to the GEMMs and speed-up vs eager."""
+    rows = []
+    for mode, timed in timings.items():
+        gemm_s = {
+            "forward": timed["gemm_fwd"]["median_s"],
+            "backward": timed["gemm_bwd"]["median_s"],
+            "full": timed["gemm_fwd"]["median_s"] + timed["gemm_bwd"]["median_s"],
+        }[mode]
+        ref_s = timed.get("reference", {}).get("median_s")
+        for name, t in timed.items():
+            if name.startswith("gemm"):
+                continue
+            med = t["median_s"]
+            rows.append(
+                {
+                    "provider": name,
+                    "mode": mode,
+                    "median_ms": med * 1e3,
+                    "gflops": shape.gemm_flops(mode) / med / 1e9,
+                    "x_gemm": med / gemm_s,
+                    "speedup_vs_reference": ref_s / med if ref_s else None,
+                    "gemm_ms": gemm_s * 1e3,
+                }
+            )
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes, 3 repeats (smoke test)")
+    ap.add_argument("--shapes", type=int, nargs="*", help="indices into the shape list")
+    ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    ap.add_argument("--no-ablation", action="store_true", help="skip fused-vs-recompute and chunks")
+    ap.add_argument("--out", help="directory for the JSON + markdown (default benchmarks/results)")
+    ap.add_argument("--probe-memory", nargs=3, metavar=("SHAPE", "PROVIDER", "MODE"))
+    args = ap.parse_args(argv)
+
+    if args.probe_memory:
+        idx, provider, mode = args.probe_memory
+        print(json.dumps(memory_probe(int(idx), provider, mode, args.quick)))
+        return
+
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch._inductor")
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    indices = args.shapes if args.shapes is not None else list(range(len(shapes)))
+    check_providers([shapes[i] for i in indices])
+    record = {"machine": common.machine_record(), "shapes": [], "ablations": {}}
+    for i in indices:
+        shape = shapes[i]
+        entry = {"index": i, **dataclasses.asdict(shape), "name": shape.name, "timings": {}}
+        for threads in args.threads:
+            timings = time_shape(shape, threads, args.providers, repeats=shape.repeats)
+            entry["timings"][str(threads)] = {
+                "raw": timings,
+                "summary": summarise(shape, timings),
+            }
+        if not args.no_memory:
+            entry["memory_full"] = {}
+            for p in args.providers:
+                probe_args = ["--probe-memory", str(i), p, "full"] + (
+                    ["--quick"] if args.quick else []
+                )
+                rec = common.run_probe("benchmarks.bench_loss", probe_args)
+                entry["memory_full"][p] = rec
+                print(f"  {shape.name} memory {p}: {rec['extra_peak_mib']:.0f} MiB", flush=True)
+        record["shapes"].append(entry)
+    if not args.no_ablation:
+        record["ablations"] = run_ablations(shapes, indices, quick=args.quick)
+    out_dir = common.Path(args.out) if args.out else common.RESULTS_DIR
+    path = common.write_results("bench_loss", record, render_markdown(record), out_dir=out_dir)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+def run_ablations(shapes, indices, *, quick: bool) -> dict:
+    """Fused gradient in the forward vs recomputation in backward, and the chunk size, 1 thread."""
+    torch.set_num_threads(1)
+    out = {"fused_vs_recompute": [], "chunk_size": []}
+    for i in indices[:2]:
+        shape = shapes[i]
+        inputs = make_inputs(shape)
+        calls = {
+            p: make_call(provider_fn(p, shape), inputs, "full")
+            for p in ("hardneg", "hardneg_recompute")
+        }
+        timed = common.time_interleaved(calls, repeats=shape.repeats)
+        out["fused_vs_recompute"].append({"shape": shape.name, "timings": timed})
+        print(
+            f"  ablation fused/recompute {shape.name}: "
+            + ", ".join(f"{k} {v['median_s'] * 1e3:.1f} ms" for k, v in timed.items()),
+            flush=True,
+        )
+        default_rows = hardneg_loss_module.default_chunk_size(shape.N)
+        rows_list = sorted(
+            {r for r in (16, 64, 256, 1024, default_rows) if r <= shape.B} | {shape.B}
+        )
+        calls = {
+            f"hardneg_chunk{r}": make_call(provider_fn(f"hardneg_chunk{r}", shape), inputs, "full")
+            for r in rows_list
+        }
+        timed = common.time_interleaved(calls, repeats=shape.repeats)
+        out["chunk_size"].append(
+            {"shape": shape.name, "default_rows": default_rows, "timings": timed}
+        )
+        print(
+            f"  ablation chunk {shape.name}: "
+            + ", ".join(f"{k} {v['median_s'] * 1e3:.1f} ms" for k, v in timed.items()),
+            flush=True,
+        )
+    return out
+
+
+def render_markdown(record: dict) -> str:
+    m = record["machine"]
+    lines = [
+        f"# bench_loss: hardneg_loss on {m['cpu']} ({m['logical_cores']} cores), {m['date']}",
+        "",
+        f"torch {m['torch']}, hardneg {m['hardneg']} (git {m['git_commit']}), "
+        f"{m['hardneg_cxx_compiler']}, {m['glibc']}, Python {m['python']}; CPU flags: "
+        f"{' '.join(m['cpu_flags'])}.",
+        "",
+        "Generated by `python -m benchmarks.bench_loss`. Median over interleaved repeats (each "
+        "round runs every provider once, rotating the order); the machine is shared, so read "
+        "ratios within one row, not across runs. fp32, L2-normalised inputs, temperature 0.02, "
+        "reduction mean. `x GEMM` = median time / median time of the bare fp32 GEMMs of the same "
+        "mode timed in the same rounds (forward: S = Q C^T; backward: dQ = dS C and "
+        "dC = dS^T Q; full: all 3). GFLOP/s counts GEMM FLOPs only. forward runs under no_grad; "
+        "backward times backward() alone after an untimed forward (hardneg and torch_chunked "
+        "compute the gradient in the forward, so their backward only scales it).",
+        "",
+    ]
+    for entry in record["shapes"]:
+        lines += [f"## {entry['name']} (M={entry['N'] // entry['B'] - 1})", ""]
+        header = ["threads", "mode", "provider", "ms", "GFLOP/s", "x GEMM", "speed-up vs eager"]
+        rows = []
+        for threads, t in entry["timings"].items():
+            for r in t["summary"]:
+                sp = r["speedup_vs_reference"]
+                rows.append(
+                    [
+                        threads,
+                        r["mode"],
+                        r["provider"],
+                        r["median_ms"],
+                        r["gflops"],
+                        r["x_gemm"],
+                        f"{sp:.2f}x" if sp else "",
+                    ]
+                )
+        lines += [common.markdown_table(header, rows), ""]
+        if "memory_full" in entry:
+            ref_mib = entry["memory_full"].get("reference", {}).get("extra_peak_mib")
+            mem_rows = [
+                [
+                    p,
+                    rec["extra_peak_mib"],
+                    f"{rec['extra_peak_mib'] / ref_mib:.3f}" if ref_mib else "",
+                ]
+                for p, rec in entry["memory_full"].items()
+            ]
+            lines += [
+                "Extra peak memory of one full (fwd+bwd) call, 1 thread:",
+                "",
+                common.markdown_table(["provider", "MiB", "x eager"], mem_rows),
+                "",
+            ]
+    lines += [MEMORY_METHOD, ""]
+    abl = record.get("ablations") or {}
+    if abl.get("fused_vs_recompute"):
+        lines += [
+            "## Fused gradient in the forward vs recomputation in backward (full, 1 thread)",
+            "",
+        ]
+        rows = []
+        for a in abl["fused_vs_recompute"]:
+            f_ms = a["timings"]["hardneg"]["median_s"] * 1e3
+            r_ms = a["timings"]["hardneg_recompute"]["median_s"] * 1e3
+            rows.append([a["shape"], f_ms, r_ms, r_ms / f_ms])
+        lines += [
+            common.markdown_table(["shape", "fused ms", "recompute ms", "recompute / fused"], rows),
+            "",
+        ]
+    if abl.get("chunk_size"):
+        lines += ["## Chunk size (rows of S per chunk; full, 1 thread)", ""]
+        rows = []
+        for a in abl["chunk_size"]:
+            for name, t in a["timings"].items():
+                r = int(name.removeprefix("hardneg_chunk"))
+                mark = " (default)" if r == a["default_rows"] else ""
+                rows.append([a["shape"], f"{r}{mark}", t["median_s"] * 1e3])
+        lines += [common.markdown_table(["shape", "rows", "ms"], rows), ""]
+    return "\n".join(lines) + "\n"
+
+
+MEMORY_METHOD = (
+    "Peak memory method: each (shape, provider) runs in a fresh Python process: build the inputs "
+    "(no large temporaries), warm the provider up on a tiny shape (torch.compile: on the measured "
+    "shape, so compilation is not counted), reset the process's peak RSS (`/proc/self/clear_refs` "
+    "= 5), run one full call (forward + backward, input gradients kept), and report peak RSS "
+    "(VmHWM, the figure ru_maxrss reports) minus RSS just before the call. It includes the input "
+    "gradients every provider must produce (3 x the input size)."
+)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

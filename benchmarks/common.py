@@ -1,0 +1,230 @@
+"""Shared helpers of the benchmark scripts: machine record, interleaved median timing, peak memory
+of one call in a fresh subprocess, and the JSON + markdown writers.
+
+Timing: the CPU is shared and noisy, so every repeat runs each provider once, in an order that
+rotates from repeat to repeat, and the median over repeats is reported. Ratios are taken between
+medians of the same run, never across runs.
+
+Peak memory (CPU): a fresh interpreter builds the inputs, warms the provider up, resets the
+kernel's peak-RSS counter of the process (write "5" to /proc/self/clear_refs, so the peak equals
+the current RSS), runs ONE call and reports peak RSS after minus RSS before. The peak is read from
+VmHWM in /proc/self/status, the per-process figure that getrusage's ru_maxrss is built from:
+ru_maxrss itself cannot be reset and, in a child started by vfork (Python's subprocess), starts at
+the parent's peak. Where clear_refs is not writable the ru_maxrss delta is used instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine and versions
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return [f for f in flags if f.startswith(("avx", "fma", "amx"))]
+    except OSError:
+        pass
+    return []
+
+
+def machine_slug() -> str:
+    """Short file-name-safe machine name, e.g. "amd-epyc-2c"."""
+    model = _cpu_model().lower()
+    for junk in ("(r)", "(tm)", "processor", "cpu", "@"):
+        model = model.replace(junk, " ")
+    words = [w for w in model.split() if w and not w.endswith("ghz")][:3]
+    return "-".join(words + [f"{os.cpu_count()}c"])
+
+
+def machine_record() -> dict:
+    """Date, CPU, cores and the versions of everything that shapes the timings."""
+    import hardneg
+    import torch
+
+    info = hardneg.build_info()
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "logical_cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "glibc": "-".join(platform.libc_ver()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_parallel": torch.__config__.parallel_info().splitlines()[:6],
+        "hardneg": info["version"],
+        "hardneg_cxx_compiler": info["cxx_compiler"],
+        "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1
+) -> dict[str, dict]:
+    """Median seconds of each call over `repeats` rounds; every round runs every call once, the
+    order rotating by one per round so no provider always follows the same neighbour. A call that
+    returns a float timed itself (e.g. a backward after an untimed forward): that float is used.
+
+    Returns {name: {"median_s", "min_s", "max_s", "times_s"}}.
+    """
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            own = calls[name]()
+            spent = time.perf_counter() - t0
+            times[name].append(own if isinstance(own, float) else spent)
+    return {
+        name: {
+            "median_s": statistics.median(ts),
+            "min_s": min(ts),
+            "max_s": max(ts),
+            "times_s": ts,
+        }
+        for name, ts in times.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory of one call, in a fresh process
+# ---------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Set the process's peak RSS (VmHWM) to its current RSS; False where Linux does not allow."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def measure_call_peak(call: Callable[[], object]) -> dict:
+    """Extra peak resident memory of one call, in MiB, relative to the RSS just before it.
+
+    Run it in a fresh process once inputs exist and the call was warmed up (see module docstring).
+    """
+    import gc
+
+    gc.collect()
+    if reset_peak_rss():
+        before_kib = _status_kib("VmRSS")
+        call()
+        peak_kib = _status_kib("VmHWM")
+        method = "VmHWM after clear_refs"
+    else:
+        before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        call()
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        method = "ru_maxrss delta"
+    return {"extra_peak_mib": (peak_kib - before_kib) / 1024, "method": method}
+
+
+def run_probe(module: str, args: list[str], *, timeout_s: float = 900) -> dict:
+    """Run `python -m module *args` in a fresh interpreter; its last stdout line is JSON."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"memory probe {module} {' '.join(args)} failed (rc {out.returncode}):\n"
+            f"{out.stderr[-3000:]}"
+        )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(op: str, record: dict, markdown: str, *, out_dir: Path = RESULTS_DIR) -> Path:
+    """Write results/<op>_<machine>_<date>.json and .md; returns the JSON path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{op}_{machine_slug()}_{record['machine']['date']}"
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    (out_dir / f"{stem}.md").write_text(markdown)
+    return json_path
