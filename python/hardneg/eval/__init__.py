@@ -1,0 +1,34 @@
+"""Evaluation: the MMEB protocol, the similarity analysis and zero-shot text-video retrieval."""
+
+from hardneg.eval.cache import EmbeddingCache, model_fingerprint
+from hardneg.eval.mmeb import (
+    MMEBEvaluation,
+    MMEBFormatError,
+    evaluate_mmeb,
+    leaderboard,
+    list_datasets,
+    load_dataset,
+    markdown_table,
+    precision_at_1,
+)
+from hardneg.eval.similarity import similarity_analysis, similarity_stats, write_similarity
+from hardneg.eval.tasks import META_TASKS, MMEB_TASKS, find_task
+
+__all__ = [
+    "META_TASKS",
+    "MMEB_TASKS",
+    "EmbeddingCache",
+    "MMEBEvaluation",
+    "MMEBFormatError",
+    "evaluate_mmeb",
+    "find_task",
+    "leaderboard",
+    "list_datasets",
+    "load_dataset",
+    "markdown_table",
+    "model_fingerprint",
+    "precision_at_1",
+    "similarity_analysis",
+    "similarity_stats",
+    "write_similarity",
+]
