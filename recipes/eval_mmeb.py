@@ -1,0 +1,111 @@
+"""Evaluate an embedder on MMEB-eval, or on any data set in its layout (the synthetic one included).
+
+One process:
+    python recipes/eval_mmeb.py --model runs/tiny/final --data-root data/synthetic/eval \
+        --output runs/tiny/mmeb.json --similarity
+Every GPU of a node (each rank embeds a shard of the distinct items, rank 0 scores):
+    torchrun --standalone --nproc_per_node 8 recipes/eval_mmeb.py --model CKPT \
+        --data-root MMEB-eval --image-root MMEB-eval/eval_images --output out/mmeb.json
+
+--model is an Embedder checkpoint directory (Embedder.save_pretrained), or "tiny[:SEED]" for the
+random tiny model (a smoke test and the speed benchmark of this script). Writes OUT.json
+(leaderboard-style), OUT.md (the table) and, with --similarity, OUT.similarity.json + .png
+(LLaVE Table 1 analysis). Embeddings are cached under --cache-dir (default: beside OUT), so a rerun
+or an interrupted run only embeds what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from hardneg.eval import evaluate_mmeb, markdown_table, write_similarity
+from hardneg.eval.mmeb import INSTRUCTION_POLICIES
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", required=True, help='checkpoint directory, or "tiny[:SEED]"')
+    p.add_argument("--data-root", required=True, help="ROOT/<Dataset>/<split>*.parquet|.jsonl")
+    p.add_argument("--datasets", default="", help="comma-separated subset (default: all found)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--image-root", default=None, help="base of image paths (default ROOT/images)")
+    p.add_argument("--output", required=True, help="OUT.json; OUT.md is written beside it")
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default: OUT dir/cache)")
+    p.add_argument("--no-cache", action="store_true", help="keep embeddings in memory only")
+    p.add_argument("--batch-size", type=int, default=32)
+    # MMEB-eval rows carry their instructions inline; "auto" adds a dataset's instruction only
+    # to texts that lack it (tasks.needs_instruction).
+    p.add_argument("--instructions", default="auto", choices=INSTRUCTION_POLICIES)
+    p.add_argument("--max-queries", type=int, default=None, help="first N rows per dataset")
+    p.add_argument("--similarity", action="store_true", help="write the similarity analysis")
+    # bf16 halves memory and time on GPUs; the embedding is returned in fp32 either way.
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    return p.parse_args(argv)
+
+
+def load_embedder(spec: str, device: torch.device, dtype: str):
+    from hardneg.models import Embedder
+
+    if spec == "tiny" or spec.startswith("tiny:"):
+        embedder = Embedder.tiny(seed=int(spec.partition(":")[2] or 0))
+    else:
+        embedder = Embedder.from_pretrained(spec)
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return embedder.to(device=device, dtype=getattr(torch, dtype)).eval()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        # Only object collectives run here (work lists, embeddings to rank 0): gloo suffices.
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if distributed else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    output = Path(args.output)
+    cache_dir = None if args.no_cache else Path(args.cache_dir or output.parent / "cache")
+
+    start = time.perf_counter()
+    embedder = load_embedder(args.model, device, args.dtype)
+    run = evaluate_mmeb(
+        embedder,
+        args.data_root,
+        datasets=[d for d in args.datasets.split(",") if d] or None,
+        split=args.split,
+        image_root=args.image_root,
+        cache_dir=cache_dir,
+        batch_size=args.batch_size,
+        instructions=args.instructions,
+        max_queries=args.max_queries,
+        model_name=args.model,
+    )
+    if rank == 0:
+        report = run.report()
+        report["seconds"] = {"total": round(time.perf_counter() - start, 2)}
+        report["seconds"].update({n: round(t, 2) for n, t in run.timings_s.items()})
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        table = markdown_table(report)
+        output.with_suffix(".md").write_text(table)
+        print(table)
+        if args.similarity:
+            write_similarity(
+                {n: r.scores_NK for n, r in run.results.items()},
+                output.with_suffix(".similarity.json"),
+                output.with_suffix(".similarity.png"),
+                title=args.model,
+            )
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
