@@ -549,7 +549,12 @@ def fused_hardneg_loss(
     reduction: "mean" (over queries), "sum", or "none" (shape (B,), per-index mean of both
     directions when symmetric). chunk_size: rows of S per chunk (default: 32 MiB of fp32).
     check_finite: scan the inputs for NaN/Inf first (FloatingPointError); False skips the scan.
-    group / strategy: cross-device negatives over a process group (None: this process only).
+    group / strategy: cross-device negatives over a process group (None: this process only):
+    with more than one rank the loss is the single-process loss over the concatenation of every
+    rank's batch, the same value on every rank, and each rank gets the gradient w.r.t. its own
+    inputs; strategy "ring", "allgather" or "auto". Multiply the loss by the world size before
+    backward when DDP / DeepSpeed average gradients over ranks. See hardneg.ring for the per-rank
+    shapes and equations.
 
     The gradient is computed in the forward pass when autograd will need it (reduction "mean" or
     "sum"): each row chunk sees its whole row, so the loss, dS, dQ and dC come from one pass of 3
@@ -568,9 +573,25 @@ def fused_hardneg_loss(
         chunk_size,
     )
     if group is not None and torch.distributed.get_world_size(group) > 1:
-        raise NotImplementedError(
-            "fused_hardneg_loss(group=...) over more than one rank (cross-device negatives) is not "
-            "implemented yet; call it per rank with group=None"
+        from hardneg.ring import ring_hardneg_loss  # ring imports this module
+
+        return ring_hardneg_loss(
+            query,
+            target,
+            hard_negatives=hard_negatives,
+            target_ids=target_ids,
+            hard_negative_ids=hard_negative_ids,
+            mode=mode,
+            temperature=temperature,
+            alpha=alpha,
+            ega_beta=ega_beta,
+            ega_margin=ega_margin,
+            symmetric=symmetric,
+            reduction=reduction,
+            group=group,
+            strategy=strategy,
+            chunk_size=chunk_size,
+            check_finite=check_finite,
         )
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, target, hard_negatives)
