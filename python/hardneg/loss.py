@@ -121,6 +121,9 @@ def _compute(
     if opts["check_finite"]:
         _check_finite({"query": query, "target": target, "hard_negatives": hard_negatives})
     B, D = query.shape
+    # The kernels read ids through a raw pointer, one per row: a strided view must be made dense.
+    if target_ids is not None:
+        target_ids = target_ids.contiguous()
     q_BD = query.float().contiguous()
     c_ND = target.float()
     ids_N = target_ids
