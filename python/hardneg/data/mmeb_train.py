@@ -344,8 +344,16 @@ class TrainBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self.position = 0
         self._start = 0
+        self._cache: tuple[int, list[list[int]]] | None = None  # (epoch, its global batches)
 
     def _global_batches(self) -> list[list[int]]:
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        batches = self._make_global_batches()
+        self._cache = (self.epoch, batches)
+        return batches
+
+    def _make_global_batches(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         G = self.batch_size * self.num_replicas
         if self.same_subset:

@@ -37,6 +37,8 @@ CONFIG_NAME = "hardneg_embedder.json"
 ROLES = ("query", "target")
 POOLINGS = ("last_token",)
 PADDING_SIDES = ("left", "right")
+# What Embedder.forward takes; other processor outputs (e.g. token_type_ids) are dropped.
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images")
 
 # LoRA targets: the attention and MLP projections of the language model only (LLaVE fine-tunes
 # the LLM and keeps the vision tower frozen; the projector is trained in full by the trainer).
@@ -152,7 +154,7 @@ class InputBuilder:
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = self.config.padding_side
         batch = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-        return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+        return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
     def _apply_chat_template(self, message: str) -> str:
         conversation = [{"role": "user", "content": [{"type": "text", "text": message}]}]
