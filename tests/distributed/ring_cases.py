@@ -210,6 +210,18 @@ def run_cases(cases: list[Case], group) -> list[dict]:
     return results
 
 
+def mismatch_message(group) -> str:
+    """The error every rank raises when one rank passes another temperature (ranks that disagree
+    on an option would otherwise compute different losses without a word)."""
+    rank = dist.get_rank(group)
+    q = torch.nn.functional.normalize(torch.randn(2, D), dim=-1)
+    try:
+        fused_hardneg_loss(q, q, temperature=0.02 if rank == 0 else 0.05, group=group)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -226,6 +238,7 @@ def spawn_worker(rank: int, world_size: int, port: int, cases: list[Case], out_d
     )
     try:
         results = run_cases(cases, dist.group.WORLD)
+        results.append({"mismatch": mismatch_message(dist.group.WORLD)})
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
     finally:

@@ -39,7 +39,10 @@ def _run_world(world_size: int, tmp_path_factory) -> dict[tuple[str, int], dict]
     for rank in range(world_size):
         with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
             for r in json.load(f):
-                results[(Case(**r["case"]).name, rank)] = r["errors"]
+                if "mismatch" in r:
+                    results[("mismatch", rank)] = r["mismatch"]
+                else:
+                    results[(Case(**r["case"]).name, rank)] = r["errors"]
     return results
 
 
@@ -89,3 +92,9 @@ def test_a_perturbed_gradient_is_caught():
     got = (want * (1 + 1e-3)).float()
     assert rel_err(got, want) > TOL
     assert rel_err(want.float(), want) <= TOL
+
+
+def test_ranks_that_disagree_on_an_option_all_raise(world2):
+    for rank in range(2):
+        msg = world2[("mismatch", rank)]
+        assert "temperature" in msg and "0.05" in msg and "every rank must agree" in msg, msg
