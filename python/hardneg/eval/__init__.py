@@ -13,6 +13,7 @@ from hardneg.eval.mmeb import (
 )
 from hardneg.eval.similarity import similarity_analysis, similarity_stats, write_similarity
 from hardneg.eval.tasks import META_TASKS, MMEB_TASKS, find_task
+from hardneg.eval.video import evaluate_video_retrieval, recall_at_k, sample_frames
 
 __all__ = [
     "META_TASKS",
@@ -21,6 +22,7 @@ __all__ = [
     "MMEBEvaluation",
     "MMEBFormatError",
     "evaluate_mmeb",
+    "evaluate_video_retrieval",
     "find_task",
     "leaderboard",
     "list_datasets",
@@ -28,6 +30,8 @@ __all__ = [
     "markdown_table",
     "model_fingerprint",
     "precision_at_1",
+    "recall_at_k",
+    "sample_frames",
     "similarity_analysis",
     "similarity_stats",
     "write_similarity",
