@@ -17,7 +17,8 @@ namespace hardneg {
 
 inline void bind_params(pybind11::module_& m) {
   namespace py = pybind11;
-  py::class_<HardnegLossParams> cls(m, "HardnegLossParams");
+  // module_local: _C and _C_cuda each register their own class, and both load in one process.
+  py::class_<HardnegLossParams> cls(m, "HardnegLossParams", py::module_local());
   cls.def(py::init<>());
   HARDNEG_PTR_FIELD(cls, float*, s);
   HARDNEG_PTR_FIELD(cls, const int64_t*, row_ids);

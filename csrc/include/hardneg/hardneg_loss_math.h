@@ -23,6 +23,12 @@ HN_HD float hardneg_logit(float s, bool is_pos, LossMode mode, float inv_tau, fl
   return s * inv_tau + shift;
 }
 
+// Logit of a negative divided by s: llave adds alpha * sg(s), a linear shift, so z = c_neg * s for
+// every negative and the inner loops multiply once.
+HN_HD float hardneg_neg_coefficient(LossMode mode, float inv_tau, float alpha) {
+  return mode == LossMode::kLlave ? inv_tau + alpha : inv_tau;
+}
+
 // EGA amplification of a negative's probability (1 for other modes and for the positive).
 HN_HD float hardneg_ega_amp(float s, float s_pos, float beta, float margin) {
   const float h = s - s_pos + margin;
@@ -45,6 +51,17 @@ HN_HD void hardneg_lse_merge(float& m, float& l, float m2, float l2) {
   const float m_new = m > m2 ? m : m2;
   l = l * expf(m - m_new) + l2 * expf(m2 - m_new);
   m = m_new;
+}
+
+// Pushes one finite logit z into an online logsumexp state (m, l), one exp per element: the GPU
+// kernels sweep a row once for its statistics instead of a max pass and a sum pass.
+HN_HD void hardneg_lse_push(float& m, float& l, float z) {
+  if (z > m) {
+    l = l * expf(m - z) + 1.0f;  // m = -inf at the start: exp(-inf) = 0, so l becomes 1
+    m = z;
+  } else {
+    l += expf(z - m);
+  }
 }
 
 }  // namespace hardneg

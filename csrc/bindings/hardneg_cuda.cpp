@@ -1,0 +1,18 @@
+// The _C_cuda module: CUDA kernels. Forwards only; arguments were checked once in Python, and the
+// kernels launch asynchronously on params.stream (the GIL is released while the host enqueues).
+#include <pybind11/pybind11.h>
+
+#include "../cuda/hardneg_loss.h"
+#include "params.h"
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "hardneg CUDA kernels (no libtorch: pointers, sizes, scalars and a stream cross)";
+  hardneg::bind_params(m);
+  namespace py = pybind11;
+  m.def("hardneg_loss_rows", &hardneg::hardneg_loss_rows_cuda,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("hardneg_loss_block_update", &hardneg::hardneg_loss_block_update_cuda,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("hardneg_loss_block_grad", &hardneg::hardneg_loss_block_grad_cuda,
+        py::call_guard<py::gil_scoped_release>());
+}
