@@ -87,6 +87,9 @@ class DataConfig:
     image_root: str = ""
     # "error" stops on a missing image (naming the file); "skip" drops such rows with a warning.
     on_missing_image: str = "error"
+    # Every global batch from one subset (VLM2Vec's "same source" batches): in-batch negatives
+    # then share the query's task. Off in LLaVE (mixed batches).
+    same_subset: bool = False
     # Explicit hard negatives per query taken from the rows' neg_text / neg_image_path.
     num_negatives: int = 0
     # DataLoader worker processes per rank (image decode + processor); 0 runs them inline.

@@ -11,7 +11,8 @@ Size under Memory Limited Setup") therefore splits the step in three:
   3. replay: each chunk runs forward again with grad under its saved RNG state (dropout draws the
      same masks, so the replayed embedding equals the cached one) and is back-propagated with
      its slice of dL/d(embedding): sum_i <e_i, g_i>.backward() adds exactly the chunk's share of
-     dL/dparams. Peak activation memory is one chunk's, whatever B is.
+     dL/dparams. Peak activation memory is one chunk's, whatever B is. The last chunk of pass 1
+     ran with grad and kept its graph, so it is back-propagated first and not replayed.
 
 Engines. Parameter gradients must be reduced once per step, on the last replayed chunk: DDP runs
 the other chunks under no_sync(); DeepSpeed is told the accumulation boundary with
@@ -27,7 +28,7 @@ Legend: B rows of a stream on this rank, C rows per chunk, D embedding dim.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -119,37 +120,56 @@ def gradcache_step(
         plan += [(name, i, False) for i in range(len(chunks))]
         plan += [(name, len(chunks) - 1, True) for _ in range(total - len(chunks))]
 
-    # 1. Embed every chunk without a graph, remembering the RNG state it started from.
-    rng_states: list[RngState] = []
-    cached: dict[str, list[Tensor]] = {name: [] for name in streams}
-    with torch.no_grad():
-        for name, i, padding in plan:
+    # The last chunk of the plan keeps its graph from pass 1 instead of being replayed: nothing
+    # runs between its forward and its backward but the (tiny) loss, so peak memory is still one
+    # chunk's, and a step costs one forward less. Its engine context (DDP no_sync decides at
+    # forward time) spans its forward and its backward.
+    keep_last = not plan[-1][2]
+    with ExitStack() as kept_sync:
+        # 1. Embed every chunk without a graph, remembering the RNG state it started from.
+        rng_states: list[RngState] = []
+        cached: dict[str, list[Tensor]] = {name: [] for name in streams}
+        kept_CD = None
+        for k, (name, i, padding) in enumerate(plan):
             rng_states.append(RngState())
-            with autocast():
+            if keep_last and k == len(plan) - 1:
+                kept_sync.enter_context(hooks.sync(len(plan) == 1))
+                with autocast():
+                    kept_CD = _upcast(encode(streams[name][i]))
+                cached[name].append(kept_CD.detach())
+                continue
+            with torch.no_grad(), autocast():
                 emb_CD = encode(streams[name][i])
             if not padding:
                 cached[name].append(_upcast(emb_CD))
 
-    # 2. Loss on the cached embeddings: its backward stops at the leaves.
-    leaves = {name: torch.cat(embs).detach().requires_grad_(True) for name, embs in cached.items()}
-    loss = loss_fn(leaves)
-    loss.backward()
-    grads = {name: leaf.grad for name, leaf in leaves.items()}
-    offsets = {
-        name: torch.tensor([0] + [e.shape[0] for e in embs]).cumsum(0).tolist()
-        for name, embs in cached.items()
-    }
+        # 2. Loss on the cached embeddings: its backward stops at the leaves.
+        leaves = {
+            name: torch.cat(embs).detach().requires_grad_(True) for name, embs in cached.items()
+        }
+        loss = loss_fn(leaves)
+        loss.backward()
+        grads = {name: leaf.grad for name, leaf in leaves.items()}
+        offsets = {
+            name: torch.tensor([0] + [e.shape[0] for e in embs]).cumsum(0).tolist()
+            for name, embs in cached.items()
+        }
 
-    # 3. Replay every chunk with grad under its saved RNG state, back-propagating its slice of
-    # dL/d(embedding); the engine reduces parameter gradients on the last one only.
-    for k, ((name, i, padding), rng) in enumerate(zip(plan, rng_states, strict=True)):
-        is_last = k == len(plan) - 1
+        def grad_of(name: str, i: int, padding: bool) -> Tensor:
+            g_CD = grads[name][offsets[name][i] : offsets[name][i + 1]]
+            return torch.zeros_like(g_CD) if padding else g_CD
+
+        if kept_CD is not None:
+            # <e, g> summed: its gradient w.r.t. the parameters is J_e^T g, the chunk's share.
+            hooks.backward((kept_CD * grad_of(*plan[-1])).sum())
+
+    # 3. Replay the other chunks with grad under their saved RNG state, back-propagating their
+    # slice of dL/d(embedding); the engine reduces parameter gradients on the last one only.
+    replay = plan[:-1] if keep_last else plan
+    for k, ((name, i, padding), rng) in enumerate(zip(replay, rng_states, strict=False)):
+        is_last = k == len(replay) - 1
         with hooks.sync(is_last), rng.restored():
             with autocast():
                 emb_CD = encode(streams[name][i])
-            g_CD = grads[name][offsets[name][i] : offsets[name][i + 1]]
-            if padding:
-                g_CD = torch.zeros_like(g_CD)
-            # <e, g> summed: its gradient w.r.t. the parameters is J_e^T g, the chunk's share.
-            hooks.backward((_upcast(emb_CD) * g_CD).sum())
+            hooks.backward((_upcast(emb_CD) * grad_of(name, i, padding)).sum())
     return loss.detach(), {name: leaf.detach() for name, leaf in leaves.items()}
