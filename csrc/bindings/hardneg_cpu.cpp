@@ -14,4 +14,10 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("hardneg_loss_block_grad", &hardneg::hardneg_loss_block_grad_cpu,
         py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "hardneg_exp",
+      [](uintptr_t x, uintptr_t y, int64_t n) {
+        hardneg::hardneg_exp_cpu(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y), n);
+      },
+      py::arg("x"), py::arg("y"), py::arg("n"), py::call_guard<py::gil_scoped_release>());
 }

@@ -1,6 +1,8 @@
 // CPU entry points of the fused hard-negative loss (csrc/cpu/hardneg_loss.cpp).
 #pragma once
 
+#include <cstdint>
+
 #include "hardneg/hardneg_loss.h"
 
 namespace hardneg {
@@ -15,5 +17,8 @@ void hardneg_loss_block_update_cpu(const HardnegLossParams& p);
 
 // Column-block schedule, backward: dL/dS of the block in place of S from the final lse and s_pos.
 void hardneg_loss_block_grad_cpu(const HardnegLossParams& p);
+
+// y[i] = hardneg_exp(x[i]), the kernels' own exp, exposed so tests can hold it against torch.exp.
+void hardneg_exp_cpu(const float* x, float* y, int64_t n);
 
 }  // namespace hardneg

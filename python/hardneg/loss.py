@@ -43,7 +43,7 @@ def default_chunk_size(num_candidates: int) -> int:
 
 def _row_pass(
     rows_BD: Tensor,
-    cands_ND: Tensor,
+    cands_ND: Tensor | tuple[Tensor, ...],
     row_ids_B: Tensor | None,
     col_ids_N: Tensor | None,
     opts: dict,
@@ -52,16 +52,34 @@ def _row_pass(
     grad_scale: float,
     row_scale_B: Tensor | None,
     d_rows_BD: Tensor | None,
-    d_cands_ND: Tensor | None,
+    d_cands_ND: Tensor | tuple[Tensor, ...] | None,
+    *,
+    accumulate: bool = True,
 ) -> None:
     """One direction of the loss: row i's positive is candidate i. Writes loss_B and, when
-    d_rows_BD is given, accumulates dL/drows and dL/dcands scaled by grad_scale * row_scale."""
-    B, N = rows_BD.shape[0], cands_ND.shape[0]
+    d_rows_BD is given, accumulates dL/drows and dL/dcands scaled by grad_scale * row_scale.
+
+    cands_ND may be a tuple of column blocks (N_k, D) standing for their concatenation, with
+    d_cands_ND the matching tuple: [target; hard negatives] then needs no concatenated copy (the
+    GEMMs write and read column slices of S in place). accumulate=False overwrites d_rows_BD and
+    d_cands_ND instead of adding to them, so they need no zero fill.
+    """
+    blocks = (cands_ND,) if isinstance(cands_ND, Tensor) else tuple(cands_ND)
+    need_grad = d_rows_BD is not None
+    d_blocks = (
+        ((d_cands_ND,) if isinstance(d_cands_ND, Tensor) else tuple(d_cands_ND))
+        if need_grad
+        else ()
+    )
+    spans, N = [], 0
+    for c in blocks:
+        spans.append((N, N + c.shape[0]))
+        N += c.shape[0]
+    B = rows_BD.shape[0]
     R = min(chunk_size, B)
     device = rows_BD.device
     s_buf = torch.empty(R * N, dtype=torch.float32, device=device)
     stats_3B = torch.empty(3, B, dtype=torch.float32, device=device)  # lse, z_pos, s_pos
-    need_grad = d_rows_BD is not None
     params = _ops.new_params(device)
     kernels = _ops.kernels_for(device)
     params.mode = opts["mode_code"]
@@ -77,8 +95,10 @@ def _row_pass(
         params.col_ids = col_ids_N.data_ptr()
     for r0 in range(0, B, R):
         r1 = min(B, r0 + R)
+        rows_RD = rows_BD[r0:r1]
         s_RN = s_buf[: (r1 - r0) * N].view(r1 - r0, N)
-        torch.mm(rows_BD[r0:r1], cands_ND.T, out=s_RN)  # (R, D) x (D, N) -> (R, N)
+        for c_KD, (c0, c1) in zip(blocks, spans, strict=True):
+            torch.mm(rows_RD, c_KD.T, out=s_RN[:, c0:c1])  # (R, D) x (D, K) -> (R, K)
         params.s = s_RN.data_ptr()
         params.rows = r1 - r0
         params.pos_offset = r0
@@ -91,14 +111,27 @@ def _row_pass(
         if row_scale_B is not None:
             params.row_scale = row_scale_B[r0:].data_ptr()
         kernels.hardneg_loss_rows(params)  # s_RN now holds dL/dS when need_grad
-        if need_grad:
-            d_rows_BD[r0:r1].addmm_(s_RN, cands_ND)  # (R, N) x (N, D) -> (R, D)
-            d_cands_ND.addmm_(s_RN.T, rows_BD[r0:r1])  # (N, R) x (R, D) -> (N, D)
+        if not need_grad:
+            continue
+        for k, (c_KD, d_c_KD, (c0, c1)) in enumerate(zip(blocks, d_blocks, spans, strict=True)):
+            ds_RK = s_RN[:, c0:c1]
+            if k == 0 and not accumulate:
+                torch.mm(ds_RK, c_KD, out=d_rows_BD[r0:r1])  # (R, K) x (K, D) -> (R, D)
+            else:
+                d_rows_BD[r0:r1].addmm_(ds_RK, c_KD)
+            if r0 == 0 and not accumulate:
+                torch.mm(ds_RK.T, rows_RD, out=d_c_KD)  # (K, R) x (R, D) -> (K, D)
+            else:
+                d_c_KD.addmm_(ds_RK.T, rows_RD)
 
 
 def _check_finite(tensors: dict[str, Tensor | None]) -> None:
     for name, t in tensors.items():
-        if t is not None and not bool(torch.isfinite(t).all()):
+        # One read-only reduction first: a NaN or Inf anywhere makes the sum NaN or Inf. Only then
+        # the exact scan, which also clears a sum that overflowed on huge finite values.
+        if t is None or bool(torch.isfinite(t.sum())):
+            continue
+        if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise FloatingPointError(
                 f"{name} holds {bad} NaN or Inf value(s); pass check_finite=False to skip this scan"
@@ -124,15 +157,19 @@ def _compute(
     # The kernels read ids through a raw pointer, one per row: a strided view must be made dense.
     if target_ids is not None:
         target_ids = target_ids.contiguous()
+    # fp32 inputs are used in place: the candidates stay two column blocks [target | hard
+    # negatives] instead of one concatenated (N, D) copy.
     q_BD = query.float().contiguous()
-    c_ND = target.float()
+    t_BD = target.float().contiguous()
+    blocks = [t_BD]
+    if target_ids is not None:
+        target_ids = target_ids.contiguous()  # the kernel reads ids through a raw pointer
     ids_N = target_ids
     if hard_negatives is not None:
-        c_ND = torch.cat([c_ND, hard_negatives.float().reshape(-1, D)])
+        blocks.append(hard_negatives.float().reshape(-1, D).contiguous())
         if target_ids is not None:
             ids_N = torch.cat([target_ids, hard_negative_ids.reshape(-1)])
-    c_ND = c_ND.contiguous()
-    N = c_ND.shape[0]
+    N = sum(c.shape[0] for c in blocks)
     symmetric = opts["symmetric"]
     chunk = opts["chunk_size"] or default_chunk_size(N)
 
@@ -145,17 +182,29 @@ def _compute(
             row_scale_B = grad_loss.float().contiguous()
         else:
             row_scale_B = grad_loss.float().expand(B).contiguous()
-    dq_BD = torch.zeros_like(q_BD) if need_grad else None
-    dc_ND = torch.zeros_like(c_ND) if need_grad else None
+    # Written (not accumulated) by the first pass, so no zero fill.
+    dq_BD = q_BD.new_empty(B, D, dtype=torch.float32) if need_grad else None
+    dc_ND = q_BD.new_empty(N, D, dtype=torch.float32) if need_grad else None
+    d_blocks = (dc_ND[:B], dc_ND[B:]) if need_grad else None
 
     loss_B = torch.empty(B, dtype=torch.float32, device=query.device)
     _row_pass(
-        q_BD, c_ND, target_ids, ids_N, opts, chunk, loss_B, grad_scale, row_scale_B, dq_BD, dc_ND
+        q_BD,
+        tuple(blocks),
+        target_ids,
+        ids_N,
+        opts,
+        chunk,
+        loss_B,
+        grad_scale,
+        row_scale_B,
+        dq_BD,
+        d_blocks[: len(blocks)] if need_grad else None,
+        accumulate=False,
     )
     if symmetric:
         # Target -> query over the in-batch targets; query i carries the id of its positive.
         loss_t_B = torch.empty_like(loss_B)
-        t_BD = c_ND[:B]
         d_t_BD = dc_ND[:B] if need_grad else None
         _row_pass(
             t_BD,
@@ -173,7 +222,7 @@ def _compute(
         loss_B = (loss_B + loss_t_B) * 0.5
 
     if not need_grad:
-        return loss_B, query.new_empty(0, dtype=torch.float32), c_ND.new_empty(0)
+        return loss_B, query.new_empty(0, dtype=torch.float32), q_BD.new_empty(0)
     return loss_B, dq_BD, dc_ND
 
 
@@ -367,9 +416,14 @@ def _backward(ctx, grad_loss, *_unused):
     if ctx.fused:
         # The gradients were computed with the forward pass at grad_output = 1; the reduced loss
         # is a scalar, so backward only scales them.
+        # One multiply per output, each a fresh tensor: no clone, no further copy for fp32.
         query, target, hard_negatives, dq_BD, dc_ND = ctx.saved_tensors
-        grads = list(
-            _split_grads(dq_BD * grad_loss, dc_ND * grad_loss, query, target, hard_negatives)
+        B = query.shape[0]
+        grads = [(dq_BD * grad_loss).to(query.dtype), (dc_ND[:B] * grad_loss).to(target.dtype)]
+        grads.append(
+            (dc_ND[B:] * grad_loss).view(hard_negatives.shape).to(hard_negatives.dtype)
+            if hard_negatives is not None
+            else None
         )
     else:
         query, target, hard_negatives, target_ids, hard_negative_ids = ctx.saved_tensors
