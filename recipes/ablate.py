@@ -47,7 +47,7 @@ SWEEP_MARGINS = (0.0, 0.1, 0.2)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="runs/ablation", help="data, per-arm runs and results")
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps per arm (all equal)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per arm (all equal)")
     # 16 queries per rank: 32 in-batch targets + 32 hard negatives per query with 2 ranks.
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seeds", default="0,1,2")
@@ -106,7 +106,9 @@ def overrides(arm: dict, args, data: Path) -> list[str]:
         "train.output_dir": run,
         "train.max_steps": args.steps,
         "train.batch_size": args.batch_size,
-        "train.gradcache_chunk_size": 0,
+        # One GradCache chunk per batch: the same loss and gradients as a plain step, and the
+        # trainer's DDP path that keeps one backward per parameter per step.
+        "train.gradcache_chunk_size": args.batch_size,
         "train.progress_bar": "false",
         "checkpoint.every_steps": 0,
         "eval.root": '""',  # evaluated here, with the similarity analysis
