@@ -9,9 +9,24 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from hardneg import ALPHA, TEMPERATURE
 from torch import Tensor
 
 OUTPUT_NAMES = ("loss", "d_query", "d_target", "d_hard_negatives")
+
+# fp32 budget of the op (it accumulates in fp32 whatever the input dtype): ~1e-6 relative error in
+# s, amplified by up to 1 / tau + alpha in the logits. Derivation in tests/test_loss.py's doc.
+RTOL_FP32 = 1e-6 * (1 / TEMPERATURE + ALPHA)
+
+
+def fp32_floor(reduction: str, B: int, grad_output: Tensor | float = 1.0) -> dict[str, float]:
+    """Absolute part of the fp32 budget per output, RTOL_FP32 of its natural unit: 1 nat per row
+    for the loss (B rows for "sum"), the largest row weight |w_i| = |grad_output_i| (/ B for
+    "mean") for the gradients, since fp32 resolves P_pos - 1 only to its roundoff."""
+    w = torch.as_tensor(grad_output).abs().max().item() / (B if reduction == "mean" else 1)
+    floor = {"loss": RTOL_FP32 * (B if reduction == "sum" else 1)}
+    floor.update(dict.fromkeys(OUTPUT_NAMES[1:], RTOL_FP32 * w))
+    return floor
 
 
 def _unit(x: Tensor) -> Tensor:

@@ -12,7 +12,8 @@ A row the model already ranks well (P_pos within u of 1) has a tiny loss and gra
 cannot resolve P_pos - 1 (nor lse - z_pos) better than u: dS = w_i (P - Y) / tau keeps an absolute
 error ~ u |w_i| / tau = 3e-6 |w_i| however small its value, where w_i is row i's weight
 (grad_output_i, divided by B for "mean"). So each output also gets an absolute floor of RTOL_FP32
-times its natural unit (fp32_floor): |w| for gradients, 1 nat per row for the loss (B for "sum").
+times its natural unit (loss_testing.fp32_floor): |w| for gradients, 1 nat per row for the loss
+(B for "sum").
 Measured (B <= 257, all cases): errors reach at most 0.09 of the budget (d_query), while a 1e-3
 relative change of tau is caught (test_wrong_temperature_is_caught). bf16 / fp16: the op's error is
 at most 0.21 of plain torch's in the same dtype, against the 2x allowed.
@@ -23,18 +24,19 @@ from __future__ import annotations
 import hardneg.loss
 import pytest
 import torch
-from hardneg import ALPHA, TEMPERATURE, fused_hardneg_loss, hardneg_loss_reference
+from hardneg import TEMPERATURE, fused_hardneg_loss, hardneg_loss_reference
 from hardneg.loss import default_chunk_size
 from loss_testing import (
+    RTOL_FP32,
     allowed_error,
     check_close,
     check_no_worse,
+    fp32_floor,
     loss_and_grads,
     make_inputs,
     max_error,
 )
 
-RTOL_FP32 = 1e-6 * (1 / TEMPERATURE + ALPHA)
 MODES = ("infonce", "llave", "ega")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -55,14 +57,6 @@ def two_threads(one_thread):
     """Two threads, so the kernel splits rows across OpenMP threads (params.num_threads > 1)."""
     torch.set_num_threads(2)
     yield
-
-
-def fp32_floor(reduction: str, B: int, grad_output: torch.Tensor | float = 1.0) -> dict:
-    """Absolute part of the fp32 budget per output: RTOL_FP32 of its natural unit (module doc)."""
-    w = torch.as_tensor(grad_output).abs().max().item() / (B if reduction == "mean" else 1)
-    floor = {"loss": RTOL_FP32 * (B if reduction == "sum" else 1)}
-    floor.update(dict.fromkeys(("d_query", "d_target", "d_hard_negatives"), RTOL_FP32 * w))
-    return floor
 
 
 def _grad_output(reduction: str, B: int, seed: int = 1) -> torch.Tensor | float:

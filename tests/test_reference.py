@@ -1,0 +1,285 @@
+"""The loss family's defining properties (design section 1), held by the plain-torch reference and
+by the fused op alike: InfoNCE is plain cross-entropy; EGA's forward is InfoNCE's and its gradient
+w.r.t. s is (Pbar - Y) / tau with Pbar = P * a on the negatives; LLaVE's is (P - Y) / tau with P
+the softmax of its shifted logits (the alpha term is stop-gradient); llave with alpha = 0 is
+infonce; masking a candidate is deleting it.
+
+The hand-computed cases write dL/dS out in plain Python floats from the formulas of design
+section 1, independent of both implementations. They recover dS from the op through orthonormal
+candidates (c_j = e_j, so s_ij = q_i[j] and dL/dq = dS . C = dS).
+
+Legend: B queries, M hard negatives per query, N = B + B*M candidates, D embedding dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hardneg import (
+    ALPHA,
+    EGA_BETA,
+    EGA_MARGIN,
+    TEMPERATURE,
+    _ops,
+    fused_hardneg_loss,
+    hardneg_loss_reference,
+)
+from hardneg._constants import MODES
+from loss_testing import RTOL_FP32, check_close, fp32_floor, loss_and_grads, make_inputs
+
+LOSSES = {"op": fused_hardneg_loss, "reference": hardneg_loss_reference}
+# Both sides of a reference-only comparison are fp64 and differ only in summation order.
+RTOL_FP64 = 1e-12
+
+
+def _tolerance(loss_name: str, reduction: str, B: int, grad_output=1.0) -> dict:
+    """fp32 budget for the op (see tests/test_loss.py), fp64 roundoff for the reference."""
+    if loss_name == "op":
+        return {"rtol": RTOL_FP32, "atol": fp32_floor(reduction, B, grad_output)}
+    return {"rtol": RTOL_FP64, "atol": 1e-15}
+
+
+def ds_by_hand(s_rows, *, mode, tau=TEMPERATURE, alpha=ALPHA, beta=EGA_BETA, margin=EGA_MARGIN):
+    """dL_i/ds_ij of loss_i = logsumexp_j z_ij - z_ii (positive of row i at column i), straight from
+    design section 1 in Python floats: (Pbar - Y) / tau, Pbar = P except for ega's negatives,
+    P_ij * exp(beta * max(0, s_ij - s_ii + margin))."""
+    out = []
+    for i, row in enumerate(s_rows):
+        z = [
+            s / tau + (alpha * s if mode == "llave" and j != i else 0.0) for j, s in enumerate(row)
+        ]
+        top = max(z)
+        e = [math.exp(v - top) for v in z]
+        p = [v / sum(e) for v in e]
+        grad = []
+        for j, p_ij in enumerate(p):
+            if j == i:
+                grad.append((p_ij - 1.0) / tau)
+                continue
+            amp = math.exp(beta * max(0.0, row[j] - row[i] + margin)) if mode == "ega" else 1.0
+            grad.append(p_ij * amp / tau)
+        out.append(grad)
+    return out
+
+
+# Two queries against an orthonormal pool [t_0, t_1, h_0, h_1] = [e_0, e_1, e_2, e_3], so row i of
+# query is row i of S. With the default beta = 5 and margin = 0.1, EGA amplifies (0, 1) by
+# exp(5 * 0.15) and (1, 2) by exp(5 * 0.12), (1, 3) by exp(5 * 0.08), and leaves (0, 2), (0, 3) and
+# (1, 0) alone (s_ij - s_ii + margin <= 0).
+S_2x4 = [[0.50, 0.55, 0.30, 0.35], [0.20, 0.60, 0.62, 0.58]]
+AMP_2x4 = [[1.0, math.exp(0.75), 1.0, 1.0], [1.0, 1.0, math.exp(0.6), math.exp(0.4)]]
+
+
+def _orthonormal_case() -> tuple[dict, torch.Tensor]:
+    eye = torch.eye(4, dtype=torch.float64)
+    inputs = {
+        "query": torch.tensor(S_2x4, dtype=torch.float64),
+        "target": eye[:2].clone(),
+        "hard_negatives": eye[2:, None].clone(),  # (B=2, M=1, D=4)
+    }
+    return inputs, eye
+
+
+def _expected_grads(ds_BN: torch.Tensor, inputs: dict) -> dict:
+    """dq = dS . C and dC = dS^T . Q for the orthonormal pool C = I."""
+    dc_ND = ds_BN.T @ inputs["query"]
+    return {"d_query": ds_BN, "d_target": dc_ND[:2], "d_hard_negatives": dc_ND[2:, None]}
+
+
+def test_ega_amplification_table_by_hand():
+    """The AMP_2x4 table is the design's a_ij = exp(beta * max(0, s_ij - s_ii + margin))."""
+    for i, row in enumerate(S_2x4):
+        for j, s in enumerate(row):
+            if j != i:
+                h = s - row[i] + EGA_MARGIN
+                assert math.isclose(math.exp(EGA_BETA * max(0.0, h)), AMP_2x4[i][j], rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_by_hand(loss_name, mode):
+    """dL/dS of every mode on the 2x4 hand case equals design section 1's formula."""
+    inputs, _ = _orthonormal_case()
+    ds_BN = torch.tensor(ds_by_hand(S_2x4, mode=mode), dtype=torch.float64)
+    got = loss_and_grads(LOSSES[loss_name], inputs, mode=mode, reduction="sum")
+    check_close(got, _expected_grads(ds_BN, inputs), **_tolerance(loss_name, "sum", 2))
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_ega_gradient_differs_from_infonce_as_designed(loss_name):
+    """dS_ega - dS_infonce = P * (a - 1) / tau on the negatives and 0 on the positives, with P the
+    InfoNCE softmax: unchanged where a = 1, scaled by a where the negative is hard."""
+    inputs, _ = _orthonormal_case()
+    ega = loss_and_grads(LOSSES[loss_name], inputs, mode="ega", reduction="sum")["d_query"]
+    infonce = loss_and_grads(LOSSES[loss_name], inputs, mode="infonce", reduction="sum")["d_query"]
+    s_BN = torch.tensor(S_2x4, dtype=torch.float64)
+    p_BN = torch.softmax(s_BN / TEMPERATURE, dim=1)
+    amp_BN = torch.tensor(AMP_2x4, dtype=torch.float64)
+    expected = p_BN * (amp_BN - 1) / TEMPERATURE
+    # A difference of two outputs carries both of their errors.
+    tol = _tolerance(loss_name, "sum", 2)
+    atol = 2 * tol["rtol"] * max(ega.abs().max().item(), infonce.abs().max().item())
+    check_close({"d_query": ega - infonce}, {"d_query": expected}, rtol=0.0, atol=atol)
+    # The amplified entries really moved (by much more than the tolerance) and no other did.
+    moved = (ega - infonce).abs() > 1e-3 * (1 / TEMPERATURE)
+    assert torch.equal(moved, amp_BN > 1)
+
+
+def test_kernel_gradient_by_hand_2x3():
+    """The CPU kernel alone on a 2x3 block of S (rows 0, 1 with positives at columns 0, 1; column 2
+    a negative of both): the loss and dS it writes in place match the hand formulas."""
+    s_rows = [[0.50, 0.55, 0.30], [0.20, 0.60, 0.62]]
+    for mode in MODES:
+        s_RN = torch.tensor(s_rows, dtype=torch.float32)
+        stats_4R = torch.zeros(4, 2, dtype=torch.float32)  # lse, z_pos, s_pos, loss
+        params = _ops.new_params(torch.device("cpu"))
+        params.mode = MODES.index(mode)
+        params.inv_tau = 1 / TEMPERATURE
+        params.alpha = ALPHA
+        params.ega_beta = EGA_BETA
+        params.ega_margin = EGA_MARGIN
+        params.rows, params.cols, params.ld_s, params.pos_offset = 2, 3, 3, 0
+        params.s = s_RN.data_ptr()
+        params.lse, params.z_pos = stats_4R[0].data_ptr(), stats_4R[1].data_ptr()
+        params.s_pos, params.loss = stats_4R[2].data_ptr(), stats_4R[3].data_ptr()
+        params.need_grad = True
+        params.grad_scale = 1.0
+        _ops.kernels_for(torch.device("cpu")).hardneg_loss_rows(params)
+        s64 = torch.tensor(s_rows, dtype=torch.float64)
+        z = s64 / TEMPERATURE + (ALPHA * s64 * (1 - torch.eye(2, 3)) if mode == "llave" else 0)
+        loss_R = torch.logsumexp(z, dim=1) - z.diagonal()
+        ds_RN = torch.tensor(ds_by_hand(s_rows, mode=mode), dtype=torch.float64)
+        # fp32 budget (tests/test_loss.py): RTOL_FP32 of the natural units, 1 nat for the loss
+        # and 1 / tau for dS.
+        torch.testing.assert_close(stats_4R[3].double(), loss_R, rtol=0, atol=RTOL_FP32)
+        torch.testing.assert_close(s_RN.double(), ds_RN, rtol=0, atol=RTOL_FP32 / TEMPERATURE)
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["q2t", "sym"])
+def test_ega_forward_is_infonce(loss_name, reduction, symmetric):
+    inputs = make_inputs(7, 59, 2, ids=True)
+    options = {"reduction": reduction, "symmetric": symmetric}
+    loss_fn = LOSSES[loss_name]
+    ega = loss_and_grads(loss_fn, inputs, mode="ega", **options)
+    infonce = loss_and_grads(loss_fn, inputs, mode="infonce", **options)
+    if loss_name == "op":
+        # One kernel path computes both values: the logits and their logsumexp are the same code.
+        assert torch.equal(ega["loss"], infonce["loss"])
+    else:
+        # The reference adds a surrogate x - x, zero up to one rounding of the loss.
+        torch.testing.assert_close(ega["loss"], infonce["loss"], rtol=1e-15, atol=1e-15)
+    # ... while the gradients do differ: this input has hard negatives that EGA amplifies.
+    assert (ega["d_hard_negatives"] - infonce["d_hard_negatives"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["q2t", "sym"])
+def test_ega_without_amplification_is_infonce(loss_name, symmetric):
+    """beta = 0 or a margin below every hardness makes a = 1: EGA is then InfoNCE, gradients too."""
+    inputs = make_inputs(7, 59, 2, ids=True)
+    loss_fn = LOSSES[loss_name]
+    options = {"symmetric": symmetric, "reduction": "sum"}
+    infonce = loss_and_grads(loss_fn, inputs, mode="infonce", **options)
+    for beta, margin in ((0.0, EGA_MARGIN), (EGA_BETA, -3.0)):
+        ega = loss_and_grads(
+            loss_fn, inputs, mode="ega", ega_beta=beta, ega_margin=margin, **options
+        )
+        check_close(ega, infonce, **_tolerance(loss_name, "sum", 7))
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["q2t", "sym"])
+def test_llave_with_zero_alpha_is_infonce(loss_name, symmetric):
+    inputs = make_inputs(257, 59, 2, ids=True)
+    loss_fn = LOSSES[loss_name]
+    options = {"symmetric": symmetric, "reduction": "mean"}
+    llave = loss_and_grads(loss_fn, inputs, mode="llave", alpha=0.0, **options)
+    infonce = loss_and_grads(loss_fn, inputs, mode="infonce", **options)
+    check_close(llave, infonce, **_tolerance(loss_name, "mean", 257))
+    # alpha does matter otherwise: the default weight changes the loss by far more than that.
+    weighted = loss_and_grads(loss_fn, inputs, mode="llave", **options)
+    assert (weighted["loss"] - infonce["loss"]).abs() > 0.1
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["q2t", "sym"])
+def test_reference_infonce_is_cross_entropy(symmetric):
+    """The oracle in its plainest form: InfoNCE is F.cross_entropy over S / tau (both directions
+    averaged when symmetric), values and gradients."""
+    inputs = make_inputs(7, 59, 2)
+    q, t, h = inputs["query"], inputs["target"], inputs["hard_negatives"]
+
+    def cross_entropy(query, target, *, hard_negatives, **_):
+        labels = torch.arange(query.shape[0])
+        cands = torch.cat([target, hard_negatives.flatten(0, 1)])
+        loss = F.cross_entropy(query @ cands.T / TEMPERATURE, labels)
+        if symmetric:
+            loss = (loss + F.cross_entropy(target @ query.T / TEMPERATURE, labels)) / 2
+        return loss
+
+    want = loss_and_grads(cross_entropy, {"query": q, "target": t, "hard_negatives": h})
+    got = loss_and_grads(
+        hardneg_loss_reference,
+        {"query": q, "target": t, "hard_negatives": h},
+        mode="infonce",
+        symmetric=symmetric,
+    )
+    check_close(got, want, rtol=RTOL_FP64, atol=1e-15)
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("mode", MODES)
+def test_masking_a_candidate_is_deleting_it(loss_name, mode):
+    """One hard negative carries the id of target 3, so it is a false negative of query 3 only.
+    Query 3's loss and gradients then equal those of a problem where it was deleted: query 3 alone
+    against [t_3 (positive); the other targets; the other hard negatives]. The other rows are
+    unchanged by the mask, and the masked candidate gets no gradient from query 3."""
+    B, M, D = 5, 3, 59
+    base = make_inputs(B, D, M)
+    q, t, h = base["query"], base["target"], base["hard_negatives"]
+    # Mask the hard negative (of any query) that query 3 finds most similar: it carries real
+    # probability in query 3's row, so the mask visibly changes that row.
+    h_flat = h.flatten(0, 1)
+    k = (h_flat @ q[3]).argmax().item()
+    target_ids = torch.arange(B)
+    hard_ids = torch.arange(100, 100 + B * M)
+    hard_ids[k] = target_ids[3]
+    loss_fn = LOSSES[loss_name]
+    options = {"mode": mode, "reduction": "none"}
+    row3 = torch.zeros(B, dtype=torch.float64)
+    row3[3] = 1.0
+
+    masked_inputs = {**base, "target_ids": target_ids, "hard_negative_ids": hard_ids.view(B, M)}
+    masked = loss_and_grads(loss_fn, masked_inputs, grad_output=row3, **options)
+    plain = loss_and_grads(loss_fn, base, grad_output=row3, **options)
+    others = [0, 1, 2, 4]
+    keep_h = [j for j in range(B * M) if j != k]
+    deleted_pool = torch.cat([t[others], h_flat[keep_h]])[None]  # (1, N - 2, D)
+    deleted = loss_and_grads(
+        loss_fn,
+        {"query": q[3:4], "target": t[3:4], "hard_negatives": deleted_pool},
+        **options,
+    )
+
+    d_hard = torch.zeros(B * M, D, dtype=torch.float64)
+    d_hard[keep_h] = deleted["d_hard_negatives"][0, len(others) :]
+    d_target = torch.zeros(B, D, dtype=torch.float64)
+    d_target[3] = deleted["d_target"][0]
+    d_target[others] = deleted["d_hard_negatives"][0, : len(others)]
+    d_query = torch.zeros(B, D, dtype=torch.float64)
+    d_query[3] = deleted["d_query"][0]
+    loss = plain["loss"].clone()
+    loss[3] = deleted["loss"][0]
+    expected = {
+        "loss": loss,
+        "d_query": d_query,
+        "d_target": d_target,
+        "d_hard_negatives": d_hard.view(B, M, D),
+    }
+    check_close(masked, expected, **_tolerance(loss_name, "none", B))
+    # The mask is not vacuous: without it query 3's loss is clearly different.
+    assert (plain["loss"][3] - masked["loss"][3]).abs() > 1e-3
