@@ -154,9 +154,6 @@ def _compute(
     if opts["check_finite"]:
         _check_finite({"query": query, "target": target, "hard_negatives": hard_negatives})
     B, D = query.shape
-    # The kernels read ids through a raw pointer, one per row: a strided view must be made dense.
-    if target_ids is not None:
-        target_ids = target_ids.contiguous()
     # fp32 inputs are used in place: the candidates stay two column blocks [target | hard
     # negatives] instead of one concatenated (N, D) copy.
     q_BD = query.float().contiguous()
@@ -474,6 +471,10 @@ def _validate(
     for name, t in (("query", query), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hard_negatives is not None and not isinstance(hard_negatives, Tensor):
+        raise TypeError(
+            f"hard_negatives must be a torch.Tensor or None, got {type(hard_negatives).__name__}"
+        )
     for name, t in (("query", query), ("target", target), ("hard_negatives", hard_negatives)):
         if t is not None and t.dtype not in _FLOAT_DTYPES:
             raise TypeError(
@@ -499,11 +500,6 @@ def _validate(
     if target.device != query.device:
         raise ValueError(f"target is on {target.device} but query is on {query.device}")
     if hard_negatives is not None:
-        if not isinstance(hard_negatives, Tensor):
-            raise TypeError(
-                f"hard_negatives must be a torch.Tensor or None, got "
-                f"{type(hard_negatives).__name__}"
-            )
         if (
             hard_negatives.dim() != 3
             or hard_negatives.shape[0] != B
@@ -529,7 +525,12 @@ def _validate(
             f"{'None' if hard_negative_ids is None else 'set'})"
         )
     if hard_negative_ids is not None and hard_negatives is None:
-        raise ValueError("hard_negative_ids was given without hard_negatives")
+        got = (
+            f"shape {tuple(hard_negative_ids.shape)}"
+            if isinstance(hard_negative_ids, Tensor)
+            else type(hard_negative_ids).__name__
+        )
+        raise ValueError(f"hard_negative_ids ({got}) was given without hard_negatives")
     for name, ids, shape in (
         ("target_ids", target_ids, (B,)),
         (
