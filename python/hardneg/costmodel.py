@@ -159,10 +159,13 @@ def crossover(
     link: Link = NVLINK,
     compute: Compute = H100,
     symmetric: bool = False,
-    max_batch: int = 1 << 20,
-) -> int | None:
-    """Smallest per-rank batch at which the ring is predicted faster than the all-gather (and
-    stays so up to max_batch), or None when it never is."""
+    keep_logits_bytes: int | None = None,
+    max_batch: int = 1 << 16,
+) -> tuple[int, int] | None:
+    """(first, last) per-rank batch of the range where the ring is predicted faster than the
+    all-gather, or None when it never is up to max_batch. The range can close again: once a
+    rank's logits outgrow keep_logits_bytes the ring recomputes them (one more GEMM in 4), which
+    costs more than the all-gather's exposed transfers at very large B."""
     kw = dict(
         dim=dim,
         world_size=world_size,
@@ -171,16 +174,14 @@ def crossover(
         link=link,
         compute=compute,
         symmetric=symmetric,
+        keep_logits_bytes=keep_logits_bytes,
     )
-    best = None
+    first = last = None
     b = 1
     while b <= max_batch:
-        wins = (
-            predict("ring", batch=b, **kw)["total"] < predict("allgather", batch=b, **kw)["total"]
-        )
-        if wins and best is None:
-            best = b
-        elif not wins:
-            best = None
-        b = b + max(1, b // 16)  # ~6 % steps: fine enough for a table
-    return best
+        ring = predict("ring", batch=b, **kw)["total"]
+        if ring < predict("allgather", batch=b, **kw)["total"]:
+            first = b if first is None else first
+            last = b
+        b += max(1, b // 16)  # ~6 % steps: fine enough for a table
+    return None if first is None else (first, last)

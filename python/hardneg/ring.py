@@ -1068,6 +1068,9 @@ def ring_hardneg_loss(
         bool(check_finite),
     )
     name = _register_group(group)
+    # The kernels read ids by pointer, row by row: they must be dense.
+    target_ids = target_ids.contiguous() if target_ids is not None else None
+    hard_negative_ids = hard_negative_ids.contiguous() if hard_negative_ids is not None else None
     sizes = exchange_sizes(group, query, hard_negatives, target_ids, opts)
     layout = _layout(sizes, dist.get_rank(group), symmetric)
     if strategy == "auto":

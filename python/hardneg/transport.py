@@ -68,20 +68,17 @@ class TorchTransport:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        # P2POp takes global ranks (its group_peer argument is recent).
+        self._global = dist.get_process_group_ranks(group)
 
     def exchange(
         self, dst: int, sends: Sequence[Tensor], src: int, recvs: Sequence[Tensor]
     ) -> Handle:
         # A distinct tag per slot keeps gloo from pairing a send with the wrong receive; NCCL
         # ignores tags and matches in issue order, which the slot order also fixes.
-        ops = [
-            dist.P2POp(dist.isend, t, group=self.group, group_peer=dst, tag=i)
-            for i, t in enumerate(sends)
-        ]
-        ops += [
-            dist.P2POp(dist.irecv, t, group=self.group, group_peer=src, tag=i)
-            for i, t in enumerate(recvs)
-        ]
+        g_dst, g_src = self._global[dst], self._global[src]
+        ops = [dist.P2POp(dist.isend, t, g_dst, self.group, tag=i) for i, t in enumerate(sends)]
+        ops += [dist.P2POp(dist.irecv, t, g_src, self.group, tag=i) for i, t in enumerate(recvs)]
         if not ops:
             return _Done()
         return _TorchHandle(dist.batch_isend_irecv(ops), (tuple(sends), tuple(recvs)))
@@ -137,9 +134,8 @@ class NcclTransport:
             cuda = _cuda_module()
             cpu_group = _cpu_group_for(group)
             uid = [cuda.nccl_unique_id() if self.rank == 0 else b""]
-            dist.broadcast_object_list(
-                uid, group=cpu_group, group_src=0, device=torch.device("cpu")
-            )
+            src = dist.get_global_rank(cpu_group, 0)
+            dist.broadcast_object_list(uid, src=src, group=cpu_group, device=torch.device("cpu"))
             comm = cuda.NcclComm(uid[0], self.world_size, self.rank, torch.cuda.current_device())
             _NCCL_COMMS[key] = comm
         self._comm = comm

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-from hardneg import fused_hardneg_loss, hardneg_loss_reference
+from hardneg import fused_hardneg_loss, hardneg_loss_reference, ring
 from hardneg.ring import ring_hardneg_loss
 from torch import Tensor
 
@@ -40,6 +40,7 @@ class Case:
     keep_logits_bytes: int | None = None  # None: the default budget (every block kept here)
     chunk_size: int | None = None
     seed: int = 0
+    transport: str = "auto"  # the ring's transport: "torch", "nccl" or "auto"
 
     @property
     def name(self) -> str:
@@ -49,6 +50,8 @@ class Case:
             parts.append(f"keep{self.keep_logits_bytes}")
         if self.chunk_size:
             parts.append(f"chunk{self.chunk_size}")
+        if self.transport != "auto":
+            parts.append(self.transport)
         return "-".join(parts)
 
 
@@ -124,27 +127,28 @@ def reference(case: Case, inputs: dict, *, layout=None, dtype=torch.float64) -> 
     return out
 
 
-def distributed(case: Case, inputs: dict, sizes, group) -> dict[str, Tensor]:
-    """This rank's fp32 loss and gradients from the distributed op."""
+def distributed(case: Case, inputs: dict, sizes, group, device="cpu") -> dict[str, Tensor]:
+    """This rank's fp32 loss and gradients from the distributed op, run on `device`."""
     rank = dist.get_rank(group)
     lo = sum(sizes[:rank])
     hi = lo + sizes[rank]
     local = {}
     for k in FLOAT_NAMES:
         if inputs[k] is not None:
-            local[k] = inputs[k][lo:hi].float().clone().requires_grad_(True)
+            local[k] = inputs[k][lo:hi].float().to(device).requires_grad_(True)
+    ids = {
+        k: None if inputs[k] is None else inputs[k][lo:hi].to(device)
+        for k in ("target_ids", "hard_negative_ids")
+    }
     kw = dict(
         hard_negatives=local.get("hard_negatives"),
-        target_ids=None if inputs["target_ids"] is None else inputs["target_ids"][lo:hi],
-        hard_negative_ids=(
-            None if inputs["hard_negative_ids"] is None else inputs["hard_negative_ids"][lo:hi]
-        ),
+        **ids,
         group=group,
         strategy=case.strategy,
         chunk_size=case.chunk_size,
         **_options(case),
     )
-    if case.keep_logits_bytes is None:
+    if case.keep_logits_bytes is None and case.transport == "auto":
         loss = fused_hardneg_loss(local["query"], local["target"], **kw)
     else:
         loss = ring_hardneg_loss(
@@ -154,14 +158,17 @@ def distributed(case: Case, inputs: dict, sizes, group) -> dict[str, Tensor]:
             alpha=9.0,
             ega_beta=5.0,
             ega_margin=0.1,
-            keep_logits_bytes=case.keep_logits_bytes,
+            keep_logits_bytes=ring.KEEP_LOGITS_BYTES
+            if case.keep_logits_bytes is None
+            else case.keep_logits_bytes,
+            transport=case.transport,
             **kw,
         )
     go = inputs["grad_output"]
     go = go[lo:hi].float() if case.reduction == "none" else go[0].float()
-    (loss * go).sum().backward()
-    out = {"loss": loss.detach()}
-    out.update({f"d_{k}": v.grad for k, v in local.items()})
+    (loss * go.to(device)).sum().backward()
+    out = {"loss": loss.detach().cpu()}
+    out.update({f"d_{k}": v.grad.cpu() for k, v in local.items()})
     return out
 
 
@@ -185,7 +192,7 @@ def compare(got: dict, want: dict) -> dict[str, float]:
     return {k: rel_err(v, want[k]) for k, v in got.items()}
 
 
-def run_cases(cases: list[Case], group) -> list[dict]:
+def run_cases(cases: list[Case], group, device="cpu") -> list[dict]:
     """Errors of every case on this rank: [{"case": ..., "rank": r, "errors": {...}}]."""
     K = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -194,7 +201,7 @@ def run_cases(cases: list[Case], group) -> list[dict]:
     for case in cases:
         inputs = global_inputs(case, sum(sizes))
         want = reference(case, inputs)
-        got = distributed(case, inputs, sizes, group)
+        got = distributed(case, inputs, sizes, group, device)
         errs = compare(got, local_part(case, want, sizes, rank))
         # Plain torch in fp32 on the same data: the round-off floor the op is held to (a row whose
         # softmax is nearly one-hot loses digits to P - 1 in any fp32 computation).
@@ -210,11 +217,11 @@ def run_cases(cases: list[Case], group) -> list[dict]:
     return results
 
 
-def mismatch_message(group) -> str:
+def mismatch_message(group, device="cpu") -> str:
     """The error every rank raises when one rank passes another temperature (ranks that disagree
     on an option would otherwise compute different losses without a word)."""
     rank = dist.get_rank(group)
-    q = torch.nn.functional.normalize(torch.randn(2, D), dim=-1)
+    q = torch.nn.functional.normalize(torch.randn(2, D, device=device), dim=-1)
     try:
         fused_hardneg_loss(q, q, temperature=0.02 if rank == 0 else 0.05, group=group)
     except ValueError as e:
@@ -228,17 +235,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_worker(rank: int, world_size: int, port: int, cases: list[Case], out_dir: str) -> None:
-    """torch.multiprocessing.spawn target: one gloo world, every case, errors to out_dir."""
+def spawn_worker(
+    rank: int, world_size: int, port: int, cases: list[Case], out_dir: str, backend: str = "gloo"
+) -> None:
+    """torch.multiprocessing.spawn target: one world (gloo on CPU, or NCCL with one GPU per rank),
+    every case, errors to out_dir."""
     import json
 
     torch.set_num_threads(1)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
     try:
-        results = run_cases(cases, dist.group.WORLD)
-        results.append({"mismatch": mismatch_message(dist.group.WORLD)})
+        results = run_cases(cases, dist.group.WORLD, device)
+        results.append({"mismatch": mismatch_message(dist.group.WORLD, device)})
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
     finally:
