@@ -18,6 +18,8 @@ schedule guarantees that, and the receive buffers' sizes come from the sizes exc
 
 from __future__ import annotations
 
+import ctypes
+import os
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -91,6 +93,33 @@ class TorchTransport:
 _NCCL_COMMS: dict[str, object] = {}
 
 
+def _nccl_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libnccl.so" in line for line in f)
+    except OSError:
+        return False
+
+
+def nccl_module():
+    """hardneg._C_cuda with libnccl.so.2 loadable. The extension opens NCCL by its soname, which
+    finds the copy torch already loaded (CUDA torch loads it from the nvidia-nccl wheel). When
+    none is loaded yet (CPU torch, or before torch touched NCCL), the nvidia-nccl-cu12/-cu13 wheel's
+    copy is loaded first, globally, so the soname lookup resolves to it rather than failing."""
+    from hardneg._ops import _cuda_module
+
+    if not _nccl_loaded():
+        try:
+            import nvidia.nccl as wheel
+
+            lib = os.path.join(list(wheel.__path__)[0], "lib", "libnccl.so.2")
+            if os.path.exists(lib):
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+        except ImportError:
+            pass  # the system's libnccl.so.2 (ld.so.conf / LD_LIBRARY_PATH), if any
+    return _cuda_module()
+
+
 def nccl_available() -> bool:
     """True when hardneg was built with its NCCL communicator and a CUDA device is present."""
     from hardneg._ops import build_info
@@ -124,14 +153,12 @@ class NcclTransport:
     life of the process; the C++ object destroys its ncclComm_t, stream and events when freed)."""
 
     def __init__(self, group: dist.ProcessGroup) -> None:
-        from hardneg._ops import _cuda_module
-
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         key = group.group_name
         comm = _NCCL_COMMS.get(key)
         if comm is None:
-            cuda = _cuda_module()
+            cuda = nccl_module()
             cpu_group = _cpu_group_for(group)
             uid = [cuda.nccl_unique_id() if self.rank == 0 else b""]
             src = dist.get_global_rank(cpu_group, 0)

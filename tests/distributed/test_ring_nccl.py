@@ -16,6 +16,7 @@ import hardneg
 import pytest
 import torch
 import torch.multiprocessing as mp
+from hardneg.transport import nccl_module
 from ring_cases import Case, free_port, spawn_worker
 
 TOL = 1e-4
@@ -33,7 +34,7 @@ def _loaded_nccl_copies() -> set[str]:
 
 @needs_nccl_build
 def test_bootstrap_without_a_gpu():
-    cu = hardneg._ops._cuda_module()
+    cu = nccl_module()
     version = cu.nccl_version()
     # NCCL codes are major * 10000 + minor * 100 + patch since 2.9.
     assert version >= 20900, version
@@ -48,7 +49,7 @@ def test_bootstrap_without_a_gpu():
 
 @needs_nccl_build
 def test_communicator_rejects_bad_arguments():
-    cu = hardneg._ops._cuda_module()
+    cu = nccl_module()
     with pytest.raises(ValueError, match="unique_id must be 128 bytes, got 3"):
         cu.NcclComm(b"abc", 2, 0, 0)
     with pytest.raises(ValueError, match=r"rank 2 is not in \[0, nranks = 2\)"):
