@@ -4,6 +4,9 @@
 
 #include "../cuda/hardneg_loss.h"
 #include "params.h"
+#ifdef HARDNEG_HAVE_NCCL
+#include "nccl_comm_bind.h"
+#endif
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "hardneg CUDA kernels (no libtorch: pointers, sizes, scalars and a stream cross)";
@@ -15,4 +18,7 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("hardneg_loss_block_grad", &hardneg::hardneg_loss_block_grad_cuda,
         py::call_guard<py::gil_scoped_release>());
+#ifdef HARDNEG_HAVE_NCCL
+  hardneg::bind_nccl(m);  // the ring's NCCL communicator (csrc/cuda/nccl_comm.h)
+#endif
 }
