@@ -59,10 +59,11 @@ INFINIBAND = Link("ib-ndr400", 45e9, 20e-6)
 # H100 SXM: 67 TFLOP/s fp32 (no TF32) on paper, ~50 in practice; the fused kernels stream S at
 # ~3 TB/s, 8 bytes (read + write) per logit and sweep.
 H100 = Compute("h100-fp32", 50e12, 8 / 3e12)
-# Loopback gloo on the 2-core CI machine and its CPU: calibrated by benchmarks/bench_ring.py
-# (benchmarks/results/bench_ring_*): replace from a new run when the machine changes.
-LOOPBACK_GLOO = Link("gloo-loopback", 1.5e9, 100e-6)
-CPU_2CORE = Compute("cpu-2core", 60e9, 2.5e-9)
+# Loopback gloo on the 2-core CI machine and its CPU (one thread per rank), calibrated by
+# benchmarks/bench_ring.py (benchmarks/results/bench_ring_amd-epyc-2c_2026-11-22): replace from a
+# new run when the machine changes.
+LOOPBACK_GLOO = Link("gloo-loopback", 0.49e9, 480e-6)
+CPU_2CORE = Compute("cpu-2core", 24e9, 0.75e-9)
 
 
 def _wire_bytes(dtype: torch.dtype) -> int:
