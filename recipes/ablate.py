@@ -54,6 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--negatives", default=",".join(NEGATIVES))
     p.add_argument("--sweep", action="store_true", help="also the ega_beta x ega_margin grid")
+    p.add_argument(
+        "--sweep-points",
+        default="",
+        help='sweep only these "beta:margin,..." points (default: the full grid)',
+    )
     p.add_argument("--n-train", type=int, default=4000, help="synthetic training pairs")
     p.add_argument("--n-eval", type=int, default=100, help="queries per eval dataset")
     p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
@@ -71,7 +76,10 @@ def arms(args) -> list[dict]:
         for m, n, s in itertools.product(args.modes.split(","), args.negatives.split(","), seeds)
     ]
     if args.sweep:
-        for beta, margin, seed in itertools.product(SWEEP_BETAS, SWEEP_MARGINS, seeds):
+        points = list(itertools.product(SWEEP_BETAS, SWEEP_MARGINS))
+        if args.sweep_points:
+            points = [tuple(map(float, p.split(":"))) for p in args.sweep_points.split(",")]
+        for (beta, margin), seed in itertools.product(points, seeds):
             if (beta, margin) != (EGA_BETA, EGA_MARGIN):
                 out.append(
                     {
