@@ -169,3 +169,13 @@ def test_check_finite_false_skips_the_scan(name, monkeypatch):
     with pytest.raises(FloatingPointError, match=re.escape(name)):
         _call(args)
     assert len(scans) == 1
+
+
+def test_op_refuses_a_fused_gradient_for_reduction_none():
+    """The raw op can fuse the gradient only for a scalar loss: asking for it with reduction none
+    (which the public function never does) is an error, not a wrongly shaped backward."""
+    q = torch.randn(B, D)
+    with pytest.raises(ValueError, match="fuse_grad=True needs reduction 'mean' or 'sum'"):
+        torch.ops.hardneg.hardneg_loss(
+            q, q, None, None, None, "llave", 0.02, 9.0, 5.0, 0.1, False, "none", 0, True, True
+        )

@@ -273,7 +273,10 @@ def _hardneg_loss_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (loss, dq, dc): the reduced loss and, when fuse_grad, the fp32 gradients of the loss
     w.r.t. query (B, D) and the candidates [target; hard negatives] (N, D) computed in the same
-    pass (empty otherwise), scaled in backward by grad_output."""
+    pass (empty otherwise), scaled in backward by grad_output. Only a scalar loss can have its
+    gradient fused (backward scales it by one number), so fuse_grad needs reduction mean or sum."""
+    if fuse_grad and reduction == "none":
+        raise ValueError("fuse_grad=True needs reduction 'mean' or 'sum', got reduction 'none'")
     opts = _opts(
         mode,
         temperature,
