@@ -57,6 +57,10 @@ class ModelConfig:
     # path or model id handed to Embedder.from_pretrained (use ${MODEL} to keep paths out of files).
     name_or_path: str = "tiny"
     tiny_seed: int = 0
+    # Weights' dtype at load. float32 for DDP (bf16 autocast computes, AdamW updates fp32 master
+    # weights); bfloat16 under DeepSpeed bf16, which keeps its own fp32 master copy, halves the
+    # memory of loading a 7B model.
+    dtype: str = "float32"
     # LLaVE freezes the vision encoder (+0.8 MMEB in its ablation) and trains projector + LLM.
     freeze_vision_tower: bool = True
     # Trades ~30% more compute for activations that no longer grow with depth (LLaVE used it).
@@ -171,6 +175,7 @@ class RunConfig:
 
 
 _CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
     "loss.mode": ("infonce", "llave", "ega"),
     "train.engine": ("ddp", "deepspeed"),
     "train.precision": ("bf16", "fp32"),

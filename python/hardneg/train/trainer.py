@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,10 +123,11 @@ def build_embedder(cfg: RunConfig):
     from hardneg.models import Embedder
 
     m = cfg.model
+    dtype = getattr(torch, m.dtype)
     if m.name_or_path == "tiny":
-        embedder = Embedder.tiny(seed=m.tiny_seed)
+        embedder = Embedder.tiny(seed=m.tiny_seed).to(dtype)
     else:
-        embedder = Embedder.from_pretrained(m.name_or_path)
+        embedder = Embedder.from_pretrained(m.name_or_path, dtype=dtype)
     if m.lora.enabled:
         embedder.add_lora(
             r=m.lora.r,
@@ -163,8 +165,8 @@ class Engine:
 
     model: nn.Module  # DDP / DeepSpeed engine / plain Embedder: called as model(**inputs)
     hooks: EngineHooks
-    step: callable  # clips, updates, schedules, zeroes the gradients
-    lr: callable  # current learning rate
+    step: Callable[[], None]  # clips, updates, schedules, zeroes the gradients
+    lr: Callable[[], float]  # current learning rate
     optimizer: object
     scheduler: object
     is_deepspeed: bool
