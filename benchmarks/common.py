@@ -107,35 +107,49 @@ def _git_commit() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def clock() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads)."""
+    return time.perf_counter(), time.process_time()
+
+
 def time_interleaved(
     calls: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1
 ) -> dict[str, dict]:
-    """Median seconds of each call over `repeats` rounds; every round runs every call once, the
-    order rotating by one per round so no provider always follows the same neighbour. A call that
-    returns a float timed itself (e.g. a backward after an untimed forward): that float is used.
+    """Median wall and CPU seconds of each call over `repeats` rounds; every round runs every call
+    once, the order rotating by one per round so no provider always follows the same neighbour.
+    A call that returns a (wall, cpu) tuple timed itself (e.g. a backward after an untimed
+    forward): those seconds are used.
 
-    Returns {name: {"median_s", "min_s", "max_s", "times_s"}}.
+    CPU seconds are the process's (all threads): with one thread they are the work of the call
+    without the time other processes held the core, the steadier figure on a shared machine.
+
+    Returns {name: {"median_s", "cpu_median_s", "min_s", "max_s", "times_s", "cpu_times_s"}}.
     """
     names = list(calls)
     for _ in range(warmup):
         for name in names:
             calls[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
+            w0, c0 = clock()
             own = calls[name]()
-            spent = time.perf_counter() - t0
-            times[name].append(own if isinstance(own, float) else spent)
+            w1, c1 = clock()
+            w, c = own if isinstance(own, tuple) else (w1 - w0, c1 - c0)
+            wall[name].append(w)
+            cpu[name].append(c)
     return {
         name: {
-            "median_s": statistics.median(ts),
-            "min_s": min(ts),
-            "max_s": max(ts),
-            "times_s": ts,
+            "median_s": statistics.median(wall[name]),
+            "cpu_median_s": statistics.median(cpu[name]),
+            "min_s": min(wall[name]),
+            "max_s": max(wall[name]),
+            "times_s": wall[name],
+            "cpu_times_s": cpu[name],
         }
-        for name, ts in times.items()
+        for name in names
     }
 
 
