@@ -66,9 +66,11 @@ def ds_by_hand(s_rows, *, mode, tau=TEMPERATURE, alpha=ALPHA, beta=EGA_BETA, mar
 
 
 # Two queries against an orthonormal pool [t_0, t_1, h_0, h_1] = [e_0, e_1, e_2, e_3], so row i of
-# query is row i of S. With the default beta = 5 and margin = 0.1, EGA amplifies (0, 1) by
+# query is row i of S. With beta = 5 and margin = 0.1 (HAND_BETA, HAND_MARGIN; a margin > 0 also
+# exercises negatives just below the positive), EGA amplifies (0, 1) by
 # exp(5 * 0.15) and (1, 2) by exp(5 * 0.12), (1, 3) by exp(5 * 0.08), and leaves (0, 2), (0, 3) and
 # (1, 0) alone (s_ij - s_ii + margin <= 0).
+HAND_BETA, HAND_MARGIN = 5.0, 0.1
 S_2x4 = [[0.50, 0.55, 0.30, 0.35], [0.20, 0.60, 0.62, 0.58]]
 AMP_2x4 = [[1.0, math.exp(0.75), 1.0, 1.0], [1.0, 1.0, math.exp(0.6), math.exp(0.4)]]
 
@@ -94,8 +96,8 @@ def test_ega_amplification_table_by_hand():
     for i, row in enumerate(S_2x4):
         for j, s in enumerate(row):
             if j != i:
-                h = s - row[i] + EGA_MARGIN
-                assert math.isclose(math.exp(EGA_BETA * max(0.0, h)), AMP_2x4[i][j], rel_tol=1e-12)
+                h = s - row[i] + HAND_MARGIN
+                assert math.isclose(math.exp(HAND_BETA * max(0.0, h)), AMP_2x4[i][j], rel_tol=1e-12)
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
@@ -103,8 +105,16 @@ def test_ega_amplification_table_by_hand():
 def test_gradient_by_hand(loss_name, mode):
     """dL/dS of every mode on the 2x4 hand case equals design section 1's formula."""
     inputs, _ = _orthonormal_case()
-    ds_BN = torch.tensor(ds_by_hand(S_2x4, mode=mode), dtype=torch.float64)
-    got = loss_and_grads(LOSSES[loss_name], inputs, mode=mode, reduction="sum")
+    hand = {"beta": HAND_BETA, "margin": HAND_MARGIN}
+    ds_BN = torch.tensor(ds_by_hand(S_2x4, mode=mode, **hand), dtype=torch.float64)
+    got = loss_and_grads(
+        LOSSES[loss_name],
+        inputs,
+        mode=mode,
+        reduction="sum",
+        ega_beta=HAND_BETA,
+        ega_margin=HAND_MARGIN,
+    )
     check_close(got, _expected_grads(ds_BN, inputs), **_tolerance(loss_name, "sum", 2))
 
 
@@ -113,7 +123,8 @@ def test_ega_gradient_differs_from_infonce_as_designed(loss_name):
     """dS_ega - dS_infonce = P * (a - 1) / tau on the negatives and 0 on the positives, with P the
     InfoNCE softmax: unchanged where a = 1, scaled by a where the negative is hard."""
     inputs, _ = _orthonormal_case()
-    ega = loss_and_grads(LOSSES[loss_name], inputs, mode="ega", reduction="sum")["d_query"]
+    hand = {"ega_beta": HAND_BETA, "ega_margin": HAND_MARGIN}
+    ega = loss_and_grads(LOSSES[loss_name], inputs, mode="ega", reduction="sum", **hand)["d_query"]
     infonce = loss_and_grads(LOSSES[loss_name], inputs, mode="infonce", reduction="sum")["d_query"]
     s_BN = torch.tensor(S_2x4, dtype=torch.float64)
     p_BN = torch.softmax(s_BN / TEMPERATURE, dim=1)
@@ -139,8 +150,8 @@ def test_kernel_gradient_by_hand_2x3():
         params.mode = MODES.index(mode)
         params.inv_tau = 1 / TEMPERATURE
         params.alpha = ALPHA
-        params.ega_beta = EGA_BETA
-        params.ega_margin = EGA_MARGIN
+        params.ega_beta = HAND_BETA
+        params.ega_margin = HAND_MARGIN
         params.rows, params.cols, params.ld_s, params.pos_offset = 2, 3, 3, 0
         params.s = s_RN.data_ptr()
         params.lse, params.z_pos = stats_4R[0].data_ptr(), stats_4R[1].data_ptr()
@@ -151,7 +162,9 @@ def test_kernel_gradient_by_hand_2x3():
         s64 = torch.tensor(s_rows, dtype=torch.float64)
         z = s64 / TEMPERATURE + (ALPHA * s64 * (1 - torch.eye(2, 3)) if mode == "llave" else 0)
         loss_R = torch.logsumexp(z, dim=1) - z.diagonal()
-        ds_RN = torch.tensor(ds_by_hand(s_rows, mode=mode), dtype=torch.float64)
+        ds_RN = torch.tensor(
+            ds_by_hand(s_rows, mode=mode, beta=HAND_BETA, margin=HAND_MARGIN), dtype=torch.float64
+        )
         # fp32 budget (tests/test_loss.py): RTOL_FP32 of the natural units, 1 nat for the loss
         # and 1 / tau for dS.
         torch.testing.assert_close(stats_4R[3].double(), loss_R, rtol=0, atol=RTOL_FP32)
