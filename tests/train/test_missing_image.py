@@ -22,9 +22,9 @@ def _cfg(root, out, policy):
             "--train.output_dir",
             str(out),
             "--train.batch_size",
-            "8",
-            "--train.max_steps",
-            "1",
+            "16",
+            "--train.max_steps",  # 3 x 16 rows: the whole epoch is read, the missing rows too
+            "3",
             "--train.precision",
             "fp32",
             "--train.progress_bar",
