@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-from hardneg import fused_hardneg_loss, hardneg_loss_reference, ring
+from hardneg import EGA_BETA, EGA_MARGIN, fused_hardneg_loss, hardneg_loss_reference, ring
 from hardneg.ring import ring_hardneg_loss
 from torch import Tensor
 
@@ -156,8 +156,8 @@ def distributed(case: Case, inputs: dict, sizes, group, device="cpu") -> dict[st
             local["target"],
             temperature=0.02,
             alpha=9.0,
-            ega_beta=5.0,
-            ega_margin=0.1,
+            ega_beta=EGA_BETA,
+            ega_margin=EGA_MARGIN,
             keep_logits_bytes=ring.KEEP_LOGITS_BYTES
             if case.keep_logits_bytes is None
             else case.keep_logits_bytes,
