@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from hardneg._constants import ALPHA, EGA_BETA, EGA_MARGIN, MODES, TEMPERATURE
+
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the dotted key and the value."""
@@ -105,11 +107,12 @@ class DataConfig:
 class LossConfig:
     # "llave" (hardness-weighted), "infonce", or "ega" (gradient amplifier reconstruction).
     mode: str = "llave"
-    # LLaVE: temperature 0.02 (logit scale 50), alpha 9.
-    temperature: float = 0.02
-    alpha: float = 9.0
-    ega_beta: float = 5.0
-    ega_margin: float = 0.1
+    # LLaVE: temperature 0.02 (logit scale 50), alpha 9; EGA's beta and margin are the defaults
+    # the synthetic ablation chose (hardneg._constants, one place for op, reference and recipes).
+    temperature: float = TEMPERATURE
+    alpha: float = ALPHA
+    ega_beta: float = EGA_BETA
+    ega_margin: float = EGA_MARGIN
     # LLaVE's code averages the query->target and target->query directions.
     symmetric: bool = True
     # Gather negatives from every rank (LLaVE: +4.5 MMEB in its ablation); false keeps each rank's
@@ -176,7 +179,7 @@ class RunConfig:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
-    "loss.mode": ("infonce", "llave", "ega"),
+    "loss.mode": MODES,
     "train.engine": ("ddp", "deepspeed"),
     "train.precision": ("bf16", "fp32"),
     "train.backend": ("auto", "gloo", "nccl"),
