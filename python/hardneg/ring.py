@@ -272,9 +272,10 @@ class _Pass:
         return ids[: layout.cands(k)] if self.first_col else ids[: layout.batch[k]]
 
 
-def _keep_plan(layout: _Layout, num_passes: int, keep_bytes: int) -> list[list[int]]:
-    """Offset (in floats) of each kept block's logits in the saved buffer, -1 when recomputed;
-    indexed [step][pass]. Blocks are kept in ring order while they fit keep_bytes."""
+def _keep_plan(layout: _Layout, num_passes: int, keep_bytes: int) -> tuple[list[list[int]], int]:
+    """(plan, floats): the offset (in floats) of each kept block's logits in the saved buffer, -1
+    when recomputed, indexed [step][pass], and the buffer's size. Blocks are kept in ring order
+    while they fit keep_bytes."""
     B = layout.batch[layout.rank]
     used = 0
     plan = []
@@ -290,18 +291,7 @@ def _keep_plan(layout: _Layout, num_passes: int, keep_bytes: int) -> list[list[i
             else:
                 row.append(-1)
         plan.append(row)
-    return plan
-
-
-def _kept_floats(layout: _Layout, num_passes: int, keep_bytes: int) -> int:
-    B = layout.batch[layout.rank]
-    total = 0
-    for step, row in enumerate(_keep_plan(layout, num_passes, keep_bytes)):
-        k = layout.owner(step)
-        for p, off in enumerate(row):
-            if off >= 0:
-                total += B * (layout.cands(k) if p == 0 else layout.batch[k])
-    return total
+    return plan, used
 
 
 class _RingBuffers:
@@ -338,17 +328,74 @@ def _send_recv_lists(buffers: _RingBuffers, step: int, layout: _Layout):
     return sends, recvs
 
 
-def _load_own_block(buffers, layout, own_emb, own_ids) -> None:
-    emb, ids = buffers.block(0, layout.rank)
-    emb.copy_(own_emb)
-    if ids is not None:
-        ids.copy_(own_ids)
-
-
 def _block_chunks(B: int, cols: int, chunk_size: int | None):
     R = min(B, chunk_size or default_chunk_size(cols))
     for r0 in range(0, B, R):
         yield r0, min(B, r0 + R)
+
+
+@dataclass(frozen=True)
+class _RingState:
+    """What both rings start from: the passes (q->t, and t->q when symmetric), the double buffers
+    with this rank's own block in slot 0, the keep plan and a scratch chunk of S."""
+
+    passes: list[_Pass]
+    buffers: _RingBuffers
+    plan: list[list[int]]  # _keep_plan's [step][pass] offsets
+    kept_floats: int
+    s_buf: Tensor  # fp32, (R * max_block_rows,)
+
+
+def _ring_start(
+    query, target, hard_negatives, target_ids, hard_negative_ids, layout, opts, keep
+) -> _RingState:
+    B, D = query.shape
+    symmetric = opts["symmetric"]
+    passes = [_Pass(query.float().contiguous(), True)]
+    if symmetric:
+        passes.append(_Pass(target.float().contiguous(), False))
+    own_emb, own_ids = _own_block(
+        query, target, hard_negatives, target_ids, hard_negative_ids, symmetric
+    )
+    buffers = _RingBuffers(layout, D, query.dtype, query.device, own_ids is not None)
+    emb, ids = buffers.block(0, layout.rank)
+    emb.copy_(own_emb)
+    if ids is not None:
+        ids.copy_(own_ids)
+    plan, kept_floats = _keep_plan(layout, len(passes), keep)
+    cols = layout.max_block_rows
+    s_buf = torch.empty(
+        min(B, opts["chunk_size"] or default_chunk_size(cols)) * cols,
+        dtype=torch.float32,
+        device=query.device,
+    )
+    return _RingState(passes, buffers, plan, kept_floats, s_buf)
+
+
+def _ring_chunks(state: _RingState, layout: _Layout, step: int, params, target_ids, chunk_size):
+    """The chunks of the block in hand at `step`, in the order both rings visit them: yields
+    (pass index, pass, c_XD, c0, c1, r0, r1) for local rows [r0, r1) against block columns
+    [c0, c1), with the kernel parameters that depend only on those (columns, their ids, rows,
+    the positive's offset, the rows' ids) already set. c_XD: the block in fp32."""
+    k = layout.owner(step)
+    emb, ids = state.buffers.block(step % 2, k)
+    c_XD = emb.float()
+    B = layout.batch[layout.rank]
+    for p, ps in enumerate(state.passes):
+        c0, c1 = ps.cols(layout, k)
+        cols = c1 - c0
+        col_ids = ps.col_ids(ids, layout, k)
+        params.cols = cols
+        params.ld_s = cols
+        params.col_ids = col_ids.data_ptr() if col_ids is not None else 0
+        for r0, r1 in _block_chunks(B, cols, chunk_size):
+            params.rows = r1 - r0
+            # The positive of local row i is column i of this rank's own block; elsewhere
+            # pos_offset = -(rows) puts every row's positive before column 0, i.e. absent.
+            params.pos_offset = r0 if k == layout.rank else -(r1 - r0)
+            if target_ids is not None:
+                params.row_ids = target_ids[r0:].data_ptr()
+            yield p, ps, c_XD, c0, c1, r0, r1
 
 
 def _ring_forward(
@@ -357,67 +404,37 @@ def _ring_forward(
     """Loss per local row (B_r,), the per-row statistics (passes, 2, B_r) = (lse, s_pos) that
     backward needs, and the kept logits (flat fp32)."""
     device = query.device
-    B, D = query.shape
+    B = query.shape[0]
     K, r = layout.world_size, layout.rank
-    symmetric = opts["symmetric"]
-    passes = [_Pass(query.float().contiguous(), True)]
-    if symmetric:
-        passes.append(_Pass(target.float().contiguous(), False))
-    own_emb, own_ids = _own_block(
-        query, target, hard_negatives, target_ids, hard_negative_ids, symmetric
+    state = _ring_start(
+        query, target, hard_negatives, target_ids, hard_negative_ids, layout, opts, keep
     )
-    buffers = _RingBuffers(layout, D, query.dtype, device, own_ids is not None)
-    _load_own_block(buffers, layout, own_emb, own_ids)
-    del own_emb
-    plan = _keep_plan(layout, len(passes), keep)
-    kept = torch.empty(_kept_floats(layout, len(passes), keep), dtype=torch.float32, device=device)
-    max_cols = max(layout.block_rows(k) for k in range(K))
-    s_buf = torch.empty(
-        min(B, opts["chunk_size"] or default_chunk_size(max_cols)) * max_cols,
-        dtype=torch.float32,
-        device=device,
-    )
+    kept = torch.empty(state.kept_floats, dtype=torch.float32, device=device)
     # Per pass: run_max, run_sum, z_pos, s_pos (B_r each).
-    stats = torch.empty(len(passes), 4, B, dtype=torch.float32, device=device)
+    stats = torch.empty(len(state.passes), 4, B, dtype=torch.float32, device=device)
     stats[:, 0] = -math.inf
     stats[:, 1] = 0.0
     params = _kernel_params(device, opts, False, 1.0)
-    if target_ids is not None:
-        params.row_ids = target_ids.data_ptr()
 
     nxt, prv = (r + 1) % K, (r - 1) % K
     for step in range(K):
-        k = layout.owner(step)
-        sends, recvs = _send_recv_lists(buffers, step, layout)
+        sends, recvs = _send_recv_lists(state.buffers, step, layout)
         handle = transport.exchange(nxt, sends, prv, recvs)  # next block flies during the GEMMs
-        emb, ids = buffers.block(step % 2, k)
-        c_XD = emb.float()
-        for p, ps in enumerate(passes):
-            c0, c1 = ps.cols(layout, k)
-            cols = c1 - c0
-            col_ids = ps.col_ids(ids, layout, k)
-            params.cols = cols
-            params.ld_s = cols
-            params.col_ids = col_ids.data_ptr() if col_ids is not None else 0
-            for r0, r1 in _block_chunks(B, cols, opts["chunk_size"]):
-                if plan[step][p] >= 0:
-                    off = plan[step][p] + r0 * cols
-                    s_RC = kept[off : off + (r1 - r0) * cols].view(r1 - r0, cols)
-                else:
-                    s_RC = s_buf[: (r1 - r0) * cols].view(r1 - r0, cols)
-                torch.mm(ps.rows_BD[r0:r1], c_XD[c0:c1].T, out=s_RC)  # (R, D) x (D, C) -> (R, C)
-                params.s = s_RC.data_ptr()
-                params.rows = r1 - r0
-                # The positive of local row i is column i of this rank's own block; elsewhere
-                # pos_offset = -(rows) puts every row's positive before column 0, i.e. absent.
-                params.pos_offset = r0 if k == r else -(r1 - r0)
-                params.run_max = stats[p, 0, r0:].data_ptr()
-                params.run_sum = stats[p, 1, r0:].data_ptr()
-                params.z_pos = stats[p, 2, r0:].data_ptr()
-                params.s_pos = stats[p, 3, r0:].data_ptr()
-                if target_ids is not None:
-                    params.row_ids = target_ids[r0:].data_ptr()
-                _ops.kernels_for(device).hardneg_loss_block_update(params)
+        chunks = _ring_chunks(state, layout, step, params, target_ids, opts["chunk_size"])
+        for p, ps, c_XD, c0, c1, r0, r1 in chunks:
+            R, C = r1 - r0, c1 - c0
+            if state.plan[step][p] >= 0:
+                off = state.plan[step][p] + r0 * C
+                s_RC = kept[off : off + R * C].view(R, C)
+            else:
+                s_RC = state.s_buf[: R * C].view(R, C)
+            torch.mm(ps.rows_BD[r0:r1], c_XD[c0:c1].T, out=s_RC)  # (R, D) x (D, C) -> (R, C)
+            params.s = s_RC.data_ptr()
+            params.run_max = stats[p, 0, r0:].data_ptr()
+            params.run_sum = stats[p, 1, r0:].data_ptr()
+            params.z_pos = stats[p, 2, r0:].data_ptr()
+            params.s_pos = stats[p, 3, r0:].data_ptr()
+            _ops.kernels_for(device).hardneg_loss_block_update(params)
         handle.wait()
 
     lse = stats[:, 0] + torch.log(stats[:, 1])  # (passes, B_r)
@@ -445,73 +462,47 @@ def _ring_backward(
     device = query.device
     B, D = query.shape
     K, r = layout.world_size, layout.rank
-    symmetric = opts["symmetric"]
-    passes = [_Pass(query.float().contiguous(), True)]
-    if symmetric:
-        passes.append(_Pass(target.float().contiguous(), False))
-    own_emb, own_ids = _own_block(
-        query, target, hard_negatives, target_ids, hard_negative_ids, symmetric
+    state = _ring_start(
+        query, target, hard_negatives, target_ids, hard_negative_ids, layout, opts, keep
     )
-    buffers = _RingBuffers(layout, D, query.dtype, device, own_ids is not None)
-    _load_own_block(buffers, layout, own_emb, own_ids)
-    del own_emb
-    plan = _keep_plan(layout, len(passes), keep)
     rows = layout.max_block_rows
     # Partial candidate gradients: computed into acc[s % 2] while acc[(s - 1) % 2] travels on
     # and the partial of this step's block arrives in `incoming`.
     acc = [torch.empty(rows, D, dtype=torch.float32, device=device) for _ in range(2)]
     incoming = torch.empty(rows, D, dtype=torch.float32, device=device)
-    d_rows = [torch.zeros(B, D, dtype=torch.float32, device=device) for _ in passes]
-    s_buf = torch.empty(
-        min(B, opts["chunk_size"] or default_chunk_size(rows)) * rows,
-        dtype=torch.float32,
-        device=device,
-    )
+    d_rows = [torch.zeros(B, D, dtype=torch.float32, device=device) for _ in state.passes]
     row_scale_B = _row_scale(grad_loss, B, opts["reduction"])
     params = _kernel_params(device, opts, True, _grad_scale(layout, opts))
-    if row_scale_B is not None:
-        params.row_scale = row_scale_B.data_ptr()
 
     nxt, prv = (r + 1) % K, (r - 1) % K
     for step in range(K):
         k = layout.owner(step)
-        sends, recvs = _send_recv_lists(buffers, step, layout)
+        sends, recvs = _send_recv_lists(state.buffers, step, layout)
         if step >= 1:
             # The partial of the previous step's block moves on to the next rank, and the partial
             # of this step's block (summed over the ranks it has visited) comes in.
             sends.append(acc[(step - 1) % 2][: layout.block_rows(layout.owner(step - 1))])
             recvs.append(incoming[: layout.block_rows(k)])
         handle = transport.exchange(nxt, sends, prv, recvs)
-        emb, ids = buffers.block(step % 2, k)
-        c_XD = emb.float()
         g_XD = acc[step % 2][: layout.block_rows(k)]
         g_XD.zero_()
-        for p, ps in enumerate(passes):
-            c0, c1 = ps.cols(layout, k)
-            cols = c1 - c0
-            col_ids = ps.col_ids(ids, layout, k)
-            params.cols = cols
-            params.ld_s = cols
-            params.col_ids = col_ids.data_ptr() if col_ids is not None else 0
-            for r0, r1 in _block_chunks(B, cols, opts["chunk_size"]):
-                s_RC = s_buf[: (r1 - r0) * cols].view(r1 - r0, cols)
-                if plan[step][p] >= 0:
-                    off = plan[step][p] + r0 * cols
-                    s_RC.copy_(kept[off : off + (r1 - r0) * cols].view(r1 - r0, cols))
-                else:
-                    torch.mm(ps.rows_BD[r0:r1], c_XD[c0:c1].T, out=s_RC)  # (R, D)x(D, C)
-                params.s = s_RC.data_ptr()
-                params.rows = r1 - r0
-                params.pos_offset = r0 if k == r else -(r1 - r0)
-                params.lse = saved[p, 0, r0:].data_ptr()
-                params.s_pos = saved[p, 1, r0:].data_ptr()
-                if target_ids is not None:
-                    params.row_ids = target_ids[r0:].data_ptr()
-                if row_scale_B is not None:
-                    params.row_scale = row_scale_B[r0:].data_ptr()
-                _ops.kernels_for(device).hardneg_loss_block_grad(params)  # s_RC <- dL/dS
-                d_rows[p][r0:r1].addmm_(s_RC, c_XD[c0:c1])  # (R, C) x (C, D) -> (R, D)
-                g_XD[c0:c1].addmm_(s_RC.T, ps.rows_BD[r0:r1])  # (C, R) x (R, D) -> (C, D)
+        chunks = _ring_chunks(state, layout, step, params, target_ids, opts["chunk_size"])
+        for p, ps, c_XD, c0, c1, r0, r1 in chunks:
+            R, C = r1 - r0, c1 - c0
+            s_RC = state.s_buf[: R * C].view(R, C)
+            if state.plan[step][p] >= 0:
+                off = state.plan[step][p] + r0 * C
+                s_RC.copy_(kept[off : off + R * C].view(R, C))
+            else:
+                torch.mm(ps.rows_BD[r0:r1], c_XD[c0:c1].T, out=s_RC)  # (R, D) x (D, C)
+            params.s = s_RC.data_ptr()
+            params.lse = saved[p, 0, r0:].data_ptr()
+            params.s_pos = saved[p, 1, r0:].data_ptr()
+            if row_scale_B is not None:
+                params.row_scale = row_scale_B[r0:].data_ptr()
+            _ops.kernels_for(device).hardneg_loss_block_grad(params)  # s_RC <- dL/dS
+            d_rows[p][r0:r1].addmm_(s_RC, c_XD[c0:c1])  # (R, C) x (C, D) -> (R, D)
+            g_XD[c0:c1].addmm_(s_RC.T, ps.rows_BD[r0:r1])  # (C, R) x (R, D) -> (C, D)
         handle.wait()
         if step >= 1:
             g_XD += incoming[: layout.block_rows(k)]
@@ -522,7 +513,7 @@ def _ring_backward(
     transport.exchange(nxt, [last], prv, [own]).wait()
     dq_BD = d_rows[0]
     dc_XD = own.clone()
-    if symmetric:
+    if opts["symmetric"]:
         dc_XD[:B].add_(d_rows[1])  # t->q rows are the targets
     return dq_BD, dc_XD
 
@@ -657,15 +648,17 @@ def _split_grads(dq_BD, dc_XD, query, target, hard_negatives, symmetric):
     return dq.to(query.dtype), dc_XD[:B].to(target.dtype).clone(), dh.clone()
 
 
-def _unpack(group_name: str, sizes: list[int], *loss_args):
+def _unpack(group_name: str, sizes: list[int], strategy: str, *loss_args):
     """(group, layout, opts) from an op's arguments; loss_args are _opts' in its order."""
+    if strategy not in ("ring", "allgather"):
+        raise ValueError(f"strategy must be 'ring' or 'allgather', got {strategy!r}")
     group = _group(group_name)
     opts = _opts(*loss_args)
     return group, _layout(sizes, dist.get_rank(group), opts["symmetric"]), opts
 
 
-@torch.library.custom_op("hardneg::hardneg_loss_ring", mutates_args=())
-def _ring_op(
+@torch.library.custom_op("hardneg::hardneg_loss_group", mutates_args=())
+def _group_op(
     query: Tensor,
     target: Tensor,
     hard_negatives: Tensor | None,
@@ -673,186 +666,9 @@ def _ring_op(
     hard_negative_ids: Tensor | None,
     group_name: str,
     sizes: list[int],
+    strategy: str,
     transport: str,
-    mode: str,
-    temperature: float,
-    alpha: float,
-    ega_beta: float,
-    ega_margin: float,
-    symmetric: bool,
-    reduction: str,
-    chunk_size: int,
-    check_finite: bool,
     keep_logits_bytes: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, saved (passes, 2, B_r) = lse and s_pos per row, kept logits (flat fp32))."""
-    group, layout, opts = _unpack(
-        group_name,
-        sizes,
-        mode,
-        temperature,
-        alpha,
-        ega_beta,
-        ega_margin,
-        symmetric,
-        reduction,
-        chunk_size,
-        check_finite,
-    )
-    if check_finite:
-        _check_finite({"query": query, "target": target, "hard_negatives": hard_negatives})
-    tr = make_transport(group, query.device, transport)
-    loss_B, saved, kept = _ring_forward(
-        query,
-        target,
-        hard_negatives,
-        target_ids,
-        hard_negative_ids,
-        layout,
-        tr,
-        opts,
-        keep_logits_bytes,
-    )
-    return _finish_loss(loss_B, reduction, layout, group), saved, kept
-
-
-@_ring_op.register_fake
-def _(query, target, hard_negatives, target_ids, hard_negative_ids, group_name, sizes, *rest):
-    transport, mode, temperature, alpha, ega_beta, ega_margin = rest[:6]
-    symmetric, reduction, chunk_size, check_finite, keep_logits_bytes = rest[6:]
-    B = query.shape[0]
-    layout = _layout(sizes, dist.get_rank(_group(group_name)), symmetric)
-    passes = 2 if symmetric else 1
-    loss = query.new_empty((B,) if reduction == "none" else (), dtype=torch.float32)
-    saved = query.new_empty((passes, 2, B), dtype=torch.float32)
-    kept = query.new_empty(_kept_floats(layout, passes, keep_logits_bytes), dtype=torch.float32)
-    return loss, saved, kept
-
-
-@torch.library.custom_op("hardneg::hardneg_loss_ring_backward", mutates_args=())
-def _ring_backward_op(
-    grad_loss: Tensor,
-    query: Tensor,
-    target: Tensor,
-    hard_negatives: Tensor | None,
-    target_ids: Tensor | None,
-    hard_negative_ids: Tensor | None,
-    saved: Tensor,
-    kept: Tensor,
-    group_name: str,
-    sizes: list[int],
-    transport: str,
-    mode: str,
-    temperature: float,
-    alpha: float,
-    ega_beta: float,
-    ega_margin: float,
-    symmetric: bool,
-    reduction: str,
-    chunk_size: int,
-    keep_logits_bytes: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward ring: (dq, dt, dh) of this rank's inputs (dh empty without hard negatives)."""
-    group, layout, opts = _unpack(
-        group_name,
-        sizes,
-        mode,
-        temperature,
-        alpha,
-        ega_beta,
-        ega_margin,
-        symmetric,
-        reduction,
-        chunk_size,
-        False,
-    )
-    tr = make_transport(group, query.device, transport)
-    dq_BD, dc_XD = _ring_backward(
-        grad_loss,
-        query,
-        target,
-        hard_negatives,
-        target_ids,
-        hard_negative_ids,
-        saved,
-        kept,
-        layout,
-        tr,
-        opts,
-        keep_logits_bytes,
-    )
-    return _split_grads(dq_BD, dc_XD, query, target, hard_negatives, symmetric)
-
-
-@_ring_backward_op.register_fake
-def _(grad_loss, query, target, hard_negatives, *rest):
-    dh = torch.empty_like(hard_negatives) if hard_negatives is not None else query.new_empty(0)
-    return torch.empty_like(query), torch.empty_like(target), dh
-
-
-_RING_OPTS = (
-    "group_name",
-    "sizes",
-    "transport",
-    "mode",
-    "temperature",
-    "alpha",
-    "ega_beta",
-    "ega_margin",
-    "symmetric",
-    "reduction",
-    "chunk_size",
-)
-
-
-def _ring_setup_context(ctx, inputs, output):
-    query, target, hard_negatives, target_ids, hard_negative_ids = inputs[:5]
-    ctx.opts = dict(zip(_RING_OPTS, inputs[5:16], strict=True))
-    ctx.keep_logits_bytes = inputs[17]
-    ctx.has_hard_negatives = hard_negatives is not None
-    ctx.save_for_backward(
-        query, target, hard_negatives, target_ids, hard_negative_ids, output[1], output[2]
-    )
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _ring_autograd_backward(ctx, grad_loss, *_unused):
-    o = ctx.opts
-    grads = list(
-        _ring_backward_op(
-            grad_loss,
-            *ctx.saved_tensors,
-            o["group_name"],
-            o["sizes"],
-            o["transport"],
-            o["mode"],
-            o["temperature"],
-            o["alpha"],
-            o["ega_beta"],
-            o["ega_margin"],
-            o["symmetric"],
-            o["reduction"],
-            o["chunk_size"],
-            ctx.keep_logits_bytes,
-        )
-    )
-    if not ctx.has_hard_negatives:
-        grads[2] = None
-    return (grads[0], grads[1], grads[2]) + (None,) * 15
-
-
-_ring_op.register_autograd(_ring_autograd_backward, setup_context=_ring_setup_context)
-
-
-@torch.library.custom_op("hardneg::hardneg_loss_allgather", mutates_args=())
-def _allgather_op(
-    query: Tensor,
-    target: Tensor,
-    hard_negatives: Tensor | None,
-    target_ids: Tensor | None,
-    hard_negative_ids: Tensor | None,
-    group_name: str,
-    sizes: list[int],
     mode: str,
     temperature: float,
     alpha: float,
@@ -864,12 +680,17 @@ def _allgather_op(
     check_finite: bool,
     fuse_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, dq, dc): when fuse_grad, this rank's rows' contributions at grad_output = 1,
-    dq (B_r, D) and the padded candidate gradients (K, X, D) of every block, fp32; backward
-    scales them and reduce-scatters dc to the block owners. Empty otherwise."""
+    """(loss, a, b), with (a, b) what backward reads, all fp32:
+    ring: a = (passes, 2, B_r) lse and s_pos per row, b = the kept logits (flat);
+    allgather with fuse_grad: this rank's rows' contributions at grad_output = 1, a = dq (B_r, D)
+    and b = the padded candidate gradients (K, X, D) of every block, which backward scales and
+    reduce-scatters to the block owners; empty without fuse_grad (backward recomputes).
+    transport and keep_logits_bytes are the ring's options, fuse_grad the all-gather's: the other
+    strategy ignores them."""
     group, layout, opts = _unpack(
         group_name,
         sizes,
+        strategy,
         mode,
         temperature,
         alpha,
@@ -880,53 +701,56 @@ def _allgather_op(
         chunk_size,
         check_finite,
     )
+    if strategy == "allgather" and fuse_grad and reduction == "none":
+        # Backward scales fused gradients by one number: a per-row loss cannot have them.
+        raise ValueError("fuse_grad=True needs reduction 'mean' or 'sum', got reduction 'none'")
     if check_finite:
         _check_finite({"query": query, "target": target, "hard_negatives": hard_negatives})
-    loss_B, dq, dc = _allgather_compute(
-        query,
-        target,
-        hard_negatives,
-        target_ids,
-        hard_negative_ids,
-        layout,
-        group,
-        opts,
-        fuse_grad,
-        None,
-    )
-    if not fuse_grad:
-        dq, dc = (query.new_empty(0, dtype=torch.float32) for _ in range(2))
-    return _finish_loss(loss_B, reduction, layout, group), dq, dc
+    inputs = (query, target, hard_negatives, target_ids, hard_negative_ids)
+    if strategy == "ring":
+        tr = make_transport(group, query.device, transport)
+        loss_B, a, b = _ring_forward(*inputs, layout, tr, opts, keep_logits_bytes)
+    else:
+        loss_B, a, b = _allgather_compute(*inputs, layout, group, opts, fuse_grad, None)
+        if not fuse_grad:
+            a, b = (query.new_empty(0, dtype=torch.float32) for _ in range(2))
+    return _finish_loss(loss_B, reduction, layout, group), a, b
 
 
-@_allgather_op.register_fake
-def _(query, target, hard_negatives, target_ids, hard_negative_ids, group_name, sizes, *rest):
-    symmetric, reduction, fuse_grad = rest[5], rest[6], rest[9]
+@_group_op.register_fake
+def _(query, target, hard_negatives, target_ids, hard_negative_ids, *rest):
+    o = dict(zip(_OPT_NAMES, rest[: len(_OPT_NAMES)], strict=True))
+    fuse_grad = rest[-1]
     B, D = query.shape
-    loss = query.new_empty((B,) if reduction == "none" else (), dtype=torch.float32)
+    layout = _layout(o["sizes"], dist.get_rank(_group(o["group_name"])), o["symmetric"])
+    loss = query.new_empty((B,) if o["reduction"] == "none" else (), dtype=torch.float32)
+    if o["strategy"] == "ring":
+        passes = 2 if o["symmetric"] else 1
+        _, kept_floats = _keep_plan(layout, passes, o["keep_logits_bytes"])
+        a = query.new_empty((passes, 2, B), dtype=torch.float32)
+        return loss, a, query.new_empty(kept_floats, dtype=torch.float32)
     if not fuse_grad:
-        return (
-            loss,
-            query.new_empty(0, dtype=torch.float32),
-            query.new_empty(0, dtype=torch.float32),
-        )
-    layout = _layout(sizes, dist.get_rank(_group(group_name)), symmetric)
-    dc = query.new_empty((layout.world_size, layout.max_block_rows, D), dtype=torch.float32)
-    return loss, query.new_empty((B, D), dtype=torch.float32), dc
+        return loss, *(query.new_empty(0, dtype=torch.float32) for _ in range(2))
+    a = query.new_empty((B, D), dtype=torch.float32)
+    K, X = layout.world_size, layout.max_block_rows
+    return loss, a, query.new_empty((K, X, D), dtype=torch.float32)
 
 
-@torch.library.custom_op("hardneg::hardneg_loss_allgather_backward", mutates_args=())
-def _allgather_backward_op(
+@torch.library.custom_op("hardneg::hardneg_loss_group_backward", mutates_args=())
+def _group_backward_op(
     grad_loss: Tensor,
     query: Tensor,
     target: Tensor,
     hard_negatives: Tensor | None,
     target_ids: Tensor | None,
     hard_negative_ids: Tensor | None,
-    dq: Tensor,
-    dc: Tensor,
+    a: Tensor,
+    b: Tensor,
     group_name: str,
     sizes: list[int],
+    strategy: str,
+    transport: str,
+    keep_logits_bytes: int,
     mode: str,
     temperature: float,
     alpha: float,
@@ -936,11 +760,13 @@ def _allgather_backward_op(
     reduction: str,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Scales the fused gradients (dq, dc non-empty) or recomputes them (reduction "none"), then
-    reduce-scatters the candidate gradients to their owners."""
+    """(dq, dt, dh) of this rank's inputs (dh empty without hard negatives), from the forward's
+    (a, b): the backward ring, or the all-gather's fused gradients scaled by grad_loss (a, b
+    non-empty) or recomputed (reduction "none"), then reduce-scattered to their owners."""
     group, layout, opts = _unpack(
         group_name,
         sizes,
+        strategy,
         mode,
         temperature,
         alpha,
@@ -951,34 +777,32 @@ def _allgather_backward_op(
         chunk_size,
         False,
     )
-    if dq.numel() > 0:
-        dq_BD, dc_KXD = dq * grad_loss, dc * grad_loss
+    inputs = (query, target, hard_negatives, target_ids, hard_negative_ids)
+    if strategy == "ring":
+        tr = make_transport(group, query.device, transport)
+        dq_BD, dc_XD = _ring_backward(grad_loss, *inputs, a, b, layout, tr, opts, keep_logits_bytes)
     else:
-        _, dq_BD, dc_KXD = _allgather_compute(
-            query,
-            target,
-            hard_negatives,
-            target_ids,
-            hard_negative_ids,
-            layout,
-            group,
-            opts,
-            True,
-            grad_loss,
-        )
-    dq_BD, dc_XD = _allgather_grads(dq_BD, dc_KXD, layout, group)
+        if a.numel() > 0:
+            dq_BD, dc_KXD = a * grad_loss, b * grad_loss
+        else:
+            _, dq_BD, dc_KXD = _allgather_compute(*inputs, layout, group, opts, True, grad_loss)
+        dq_BD, dc_XD = _allgather_grads(dq_BD, dc_KXD, layout, group)
     return _split_grads(dq_BD, dc_XD, query, target, hard_negatives, symmetric)
 
 
-@_allgather_backward_op.register_fake
+@_group_backward_op.register_fake
 def _(grad_loss, query, target, hard_negatives, *rest):
     dh = torch.empty_like(hard_negatives) if hard_negatives is not None else query.new_empty(0)
     return torch.empty_like(query), torch.empty_like(target), dh
 
 
-_ALLGATHER_OPTS = (
+# The forward's options that backward takes too, in both ops' order (inputs[5:18] of the forward).
+_OPT_NAMES = (
     "group_name",
     "sizes",
+    "strategy",
+    "transport",
+    "keep_logits_bytes",
     "mode",
     "temperature",
     "alpha",
@@ -990,9 +814,10 @@ _ALLGATHER_OPTS = (
 )
 
 
-def _allgather_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     query, target, hard_negatives, target_ids, hard_negative_ids = inputs[:5]
-    ctx.opts = dict(zip(_ALLGATHER_OPTS, inputs[5:15], strict=True))
+    ctx.opts = inputs[5 : 5 + len(_OPT_NAMES)]
+    ctx.num_inputs = len(inputs)
     ctx.has_hard_negatives = hard_negatives is not None
     ctx.save_for_backward(
         query, target, hard_negatives, target_ids, hard_negative_ids, output[1], output[2]
@@ -1000,23 +825,12 @@ def _allgather_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _allgather_autograd_backward(ctx, grad_loss, *_unused):
-    o = ctx.opts
-    grads = list(
-        _allgather_backward_op(
-            grad_loss,
-            *ctx.saved_tensors,
-            *(o[name] for name in _ALLGATHER_OPTS),
-        )
-    )
-    if not ctx.has_hard_negatives:
-        grads[2] = None
-    return (grads[0], grads[1], grads[2]) + (None,) * 14
+def _autograd_backward(ctx, grad_loss, *_unused):
+    dq, dt, dh = _group_backward_op(grad_loss, *ctx.saved_tensors, *ctx.opts)
+    return (dq, dt, dh if ctx.has_hard_negatives else None) + (None,) * (ctx.num_inputs - 3)
 
 
-_allgather_op.register_autograd(
-    _allgather_autograd_backward, setup_context=_allgather_setup_context
-)
+_group_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1083,7 +897,11 @@ def ring_hardneg_loss(
             link=costmodel.default_link(query.device),
             symmetric=bool(symmetric),
         )
-    common = (
+    # fuse_grad: the all-gather computes the gradient with the loss when one will be needed.
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, target, hard_negatives)
+    )
+    loss, _, _ = _group_op(
         query,
         target,
         hard_negatives,
@@ -1091,8 +909,9 @@ def ring_hardneg_loss(
         hard_negative_ids,
         name,
         sizes,
-    )
-    loss_opts = (
+        strategy,
+        transport,
+        int(keep_logits_bytes),
         opts["mode"],
         opts["temperature"],
         opts["alpha"],
@@ -1102,12 +921,6 @@ def ring_hardneg_loss(
         reduction,
         opts["chunk_size"],
         opts["check_finite"],
+        strategy == "allgather" and wants_grad and reduction != "none",
     )
-    if strategy == "ring":
-        loss, _, _ = _ring_op(*common, transport, *loss_opts, int(keep_logits_bytes))
-        return loss
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (query, target, hard_negatives)
-    )
-    loss, _, _ = _allgather_op(*common, *loss_opts, wants_grad and reduction != "none")
     return loss
