@@ -7,10 +7,10 @@ ALPHA = 9.0
 # EGA reconstruction (design section 1): a_ij = exp(beta * max(0, s_ij - s_ip + margin)).
 # Chosen by the synthetic ablation (benchmarks/results/ablation_*.md, recipes/ablate.py): with
 # margin 0 only negatives that outscore their positive are amplified, e-fold per 1/beta = 0.5
-# cosine above it. Every margin-0.1 setting collapsed there (the reconstruction does not
-# renormalise Pbar, so when all negatives sit within the margin of the positive, sum_j Pbar_ij > 1
-# and the gradient pushes each query away from all its candidates), while beta 1, 2 and 5 at
-# margin 0 trained alike (P@1 within one std over 3 seeds); 2 is the middle, safe choice.
+# cosine above it. beta 5 with margin 0.1 collapsed there (the reconstruction does not renormalise
+# Pbar: when every negative sits within the margin of its positive, sum_j Pbar_ij > 1 and the
+# gradient pushes each query away from all its candidates); beta 1, 2 and 5 at margin 0 trained
+# alike (P@1 within one std over 3 seeds), so the default is the setting farthest from collapse.
 EGA_BETA = 2.0
 EGA_MARGIN = 0.0
 

@@ -607,7 +607,7 @@ def fused_hardneg_loss(
                 (benchmarks/results/ablation_*.md): ega_beta = 2, ega_margin = 0, i.e. only a
                 negative that outscores its positive is amplified, e-fold per 0.5 cosine above
                 it. Pbar is not renormalised: with a margin > 0 at the start of training every
-                negative is amplified, sum_j Pbar_ij > 1 and the ablation's runs collapsed.
+                negative is amplified, sum_j Pbar_ij > 1, and the ablation's beta-5 runs collapsed.
       L_i = logsumexp_j z_ij - z_{i,p(i)}; symmetric: (L_q->t + L_t->q) / 2 where the t->q
       direction ranks the queries for each in-batch target (hard negatives take no part).
 
