@@ -38,10 +38,10 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from hardneg import costmodel, ring  # noqa: E402
+from hardneg.distributed import costmodel, ring  # noqa: E402
+from hardneg.distributed.transport import TorchTransport  # noqa: E402
 from hardneg.loss import _opts  # noqa: E402
 from hardneg.reference import _direction_loss  # noqa: E402
-from hardneg.transport import TorchTransport  # noqa: E402
 
 PROVIDERS = ("ring", "allgather", "naive")
 # (B per rank, D, M): the timing shapes (small enough for 2 CPU cores) and the memory target.

@@ -638,7 +638,7 @@ def fused_hardneg_loss(
         chunk_size,
     )
     if group is not None and torch.distributed.get_world_size(group) > 1:
-        from hardneg.ring import ring_hardneg_loss  # ring imports this module
+        from hardneg.distributed.ring import ring_hardneg_loss  # ring imports this module
 
         return ring_hardneg_loss(
             query,

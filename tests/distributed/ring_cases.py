@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-from hardneg import EGA_BETA, EGA_MARGIN, fused_hardneg_loss, hardneg_loss_reference, ring
-from hardneg.ring import ring_hardneg_loss
+from hardneg import EGA_BETA, EGA_MARGIN, fused_hardneg_loss, hardneg_loss_reference
+from hardneg.distributed import ring
+from hardneg.distributed.ring import ring_hardneg_loss
 from torch import Tensor
 
 D = 59  # odd, not a multiple of any vector width

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hardneg import costmodel
+from hardneg.distributed import costmodel
 
 SHAPE = dict(dim=1024, world_size=8, negatives=7, dtype=torch.bfloat16)
 

@@ -16,7 +16,7 @@ import hardneg
 import pytest
 import torch
 import torch.multiprocessing as mp
-from hardneg.transport import nccl_module
+from hardneg.distributed.transport import nccl_module
 from ring_cases import Case, free_port, spawn_worker
 
 TOL = 1e-4

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hardneg import ring
+from hardneg.distributed import ring
 from ring_cases import SIZES, free_port
 
 D, M = 7, 2

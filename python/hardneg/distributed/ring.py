@@ -58,10 +58,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hardneg import _ops, costmodel
+from hardneg import _ops
 from hardneg._constants import MODES, REDUCTIONS
+from hardneg.distributed import costmodel
+from hardneg.distributed.transport import make_transport
 from hardneg.loss import _check_finite, _opts, _row_pass, default_chunk_size
-from hardneg.transport import make_transport
 
 # Logits of whole blocks kept between forward and backward at most: each kept block saves the
 # recompute GEMM (2 B_r N_k D flops) for a copy of B_r N_k floats. 64 MiB keeps every block at

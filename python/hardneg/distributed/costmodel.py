@@ -88,7 +88,7 @@ def predict(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if keep_logits_bytes is None:
-        from hardneg.ring import KEEP_LOGITS_BYTES
+        from hardneg.distributed.ring import KEEP_LOGITS_BYTES
 
         keep_logits_bytes = KEEP_LOGITS_BYTES
     K, B, D = world_size, batch, dim
