@@ -30,8 +30,10 @@ import warnings
 
 import hardneg
 import torch
+from hardneg import _schedule
 from hardneg import loss as hardneg_loss_module
 from hardneg._constants import ALPHA, EGA_BETA, EGA_MARGIN, TEMPERATURE
+from hardneg._spec import LossSpec
 from hardneg.reference import hardneg_loss_reference
 from torch import Tensor
 
@@ -179,7 +181,7 @@ class _TorchChunkedLoss(torch.autograd.Function):
         dq_BD = torch.zeros_like(query) if need_grad else None
         dc_ND = torch.zeros_like(c_ND) if need_grad else None
         loss_B = query.new_empty(B)
-        chunk = hardneg_loss_module.default_chunk_size(N)
+        chunk = _schedule.default_chunk_size(N)
         _torch_row_pass(
             query, c_ND, target_ids, ids_N, opts, chunk, loss_B, grad_scale, dq_BD, dc_ND
         )
@@ -191,7 +193,7 @@ class _TorchChunkedLoss(torch.autograd.Function):
                 target_ids,
                 target_ids,
                 opts,
-                hardneg_loss_module.default_chunk_size(B),
+                _schedule.default_chunk_size(B),
                 loss_t_B,
                 grad_scale,
                 dc_ND[:B] if need_grad else None,
@@ -281,21 +283,14 @@ def provider_fn(name: str, shape: Shape):
 
 def _hardneg_recompute(x: dict, kw: dict) -> Tensor:
     wants_grad = torch.is_grad_enabled() and x["query"].requires_grad
+    spec = LossSpec(kw["mode"], TEMPERATURE, ALPHA, EGA_BETA, EGA_MARGIN, kw["symmetric"])
     loss, _, _ = hardneg_loss_module._hardneg_loss_op(
         x["query"],
         x["target"],
         x["hard_negatives"],
         x["target_ids"],
         x["hard_negative_ids"],
-        kw["mode"],
-        TEMPERATURE,
-        ALPHA,
-        EGA_BETA,
-        EGA_MARGIN,
-        kw["symmetric"],
-        "mean",
-        0,
-        True,
+        spec.encode(),
         False,
     )
     assert not wants_grad or loss.requires_grad
@@ -552,7 +547,7 @@ def run_ablations(shapes, indices, *, quick: bool) -> dict:
             + ", ".join(f"{k} {v['median_s'] * 1e3:.1f} ms" for k, v in timed.items()),
             flush=True,
         )
-        default_rows = hardneg_loss_module.default_chunk_size(shape.N)
+        default_rows = _schedule.default_chunk_size(shape.N)
         rows_list = sorted(
             {r for r in (16, 64, 256, 1024, default_rows) if r <= shape.B} | {shape.B}
         )

@@ -38,9 +38,11 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from hardneg.distributed import costmodel, ring  # noqa: E402
+from hardneg import _schedule  # noqa: E402
+from hardneg._constants import KEEP_LOGITS_BYTES  # noqa: E402
+from hardneg._spec import LossSpec  # noqa: E402
+from hardneg.distributed import allgather, costmodel, layout, ring  # noqa: E402
 from hardneg.distributed.transport import TorchTransport  # noqa: E402
-from hardneg.loss import _opts  # noqa: E402
 from hardneg.reference import _direction_loss  # noqa: E402
 
 PROVIDERS = ("ring", "allgather", "naive")
@@ -90,8 +92,8 @@ class _Step:
         self.rank = dist.get_rank(group)
         self.K = dist.get_world_size(group)
         self.q, self.t, self.h = _inputs(B, D, M, device, seed=self.rank)
-        self.opts = _opts("llave", 0.02, 9.0, 5.0, 0.1, False, "mean", 0, False)
-        self.layout = ring._Layout(self.rank, (B,) * self.K, (M,) * self.K, False)
+        self.spec = LossSpec("llave", 0.02, 9.0, 5.0, 0.1, check_finite=False)
+        self.layout = layout.Layout(self.rank, (B,) * self.K, (M,) * self.K, False)
         self.device = device
         self.torch_transport = TorchTransport(group)
         self.local_transport = _LocalTransport(self.rank, self.K)
@@ -102,11 +104,11 @@ class _Step:
 
     # -- ring --------------------------------------------------------------------------------
     def ring(self, transport):
-        args = (self.q, self.t, self.h, None, None, self.layout, transport, self.opts)
-        keep = ring.KEEP_LOGITS_BYTES
-        loss_B, saved, kept = ring._ring_forward(*args, keep)
+        inputs = (self.q, self.t, self.h, None, None)
+        keep = KEEP_LOGITS_BYTES
+        loss_B, saved, kept = ring.ring_forward(inputs, self.layout, transport, self.spec, keep)
         one = torch.ones((), device=self.device)
-        ring._ring_backward(one, *args[:5], saved, kept, self.layout, transport, self.opts, keep)
+        ring.ring_backward(one, inputs, saved, kept, self.layout, transport, self.spec, keep)
 
     def ring_comm(self):
         """The ring's transfers alone, same sizes and order."""
@@ -128,46 +130,47 @@ class _Step:
 
     # -- allgather ----------------------------------------------------------------------------
     def allgather(self):
-        loss_B, dq, dc = ring._allgather_compute(
-            self.q, self.t, self.h, None, None, self.layout, self.group, self.opts, True, None
+        inputs = (self.q, self.t, self.h, None, None)
+        loss_B, dq, dc = allgather.allgather_compute(
+            inputs, self.layout, self.group, self.spec, True, None
         )
-        ring._finish_loss(loss_B, "mean", self.layout, self.group)
-        ring._allgather_grads(dq, dc, self.layout, self.group)
+        layout.finish_loss(loss_B, "mean", self.layout, self.group)
+        allgather.allgather_grads(dq, dc, self.layout, self.group)
 
     def allgather_comm(self):
         K, X, D = self.K, self.layout.max_block_rows, self.q.shape[1]
         own = torch.empty(X, D, dtype=self.q.dtype, device=self.device)
-        ring._all_gather_single(own.new_empty(K * X, D), own, self.group)
+        layout.all_gather_single(own.new_empty(K * X, D), own, self.group)
         g = torch.zeros(K * X, D, device=self.device)
-        ring._reduce_scatter_single(g.new_empty(X, D), g, self.group)
+        layout.reduce_scatter_single(g.new_empty(X, D), g, self.group)
 
     # -- naive ----------------------------------------------------------------------------------
     def naive(self):
         B, D = self.q.shape
         own = torch.cat([self.t, self.h.reshape(-1, D)])
         gathered = own.new_empty(self.K * own.shape[0], D)
-        ring._all_gather_single(gathered, own, self.group)
+        layout.all_gather_single(gathered, own, self.group)
         # Own block first so the positive of local query i is candidate i.
         blocks = gathered.view(self.K, -1, D)
         order = [self.rank] + [k for k in range(self.K) if k != self.rank]
         c = blocks[order].reshape(-1, D).requires_grad_(True)
         q = self.q.detach().requires_grad_(True)
-        o = self.opts
-        loss = _direction_loss(q, c, None, None, "llave", o["temperature"], o["alpha"], 5.0, 0.1)
+        o = self.spec
+        loss = _direction_loss(q, c, None, None, "llave", o.temperature, o.alpha, 5.0, 0.1)
         (loss.sum() / (B * self.K)).backward()
         grad = torch.empty_like(blocks)
         grad[order] = c.grad.view(self.K, -1, D)
-        ring._reduce_scatter_single(own.new_empty(own.shape), grad.view(-1, D), self.group)
+        layout.reduce_scatter_single(own.new_empty(own.shape), grad.view(-1, D), self.group)
 
     naive_comm = allgather_comm
 
 
 def _local_collectives():
-    """Context that turns ring's all-gather / reduce-scatter into local copies (compute-only)."""
+    """Context that turns the all-gather strategy's collectives into local copies (compute-only)."""
 
     class _Ctx:
         def __enter__(self):
-            self.saved = (ring._all_gather_single, ring._reduce_scatter_single)
+            self.saved = (allgather.all_gather_single, allgather.reduce_scatter_single)
 
             def gather(out, inp, group):
                 out.view(-1, *inp.shape)[:] = inp
@@ -175,10 +178,10 @@ def _local_collectives():
             def scatter(out, inp, group):
                 out.copy_(inp.view(-1, *out.shape)[0])
 
-            ring._all_gather_single, ring._reduce_scatter_single = gather, scatter
+            allgather.all_gather_single, allgather.reduce_scatter_single = gather, scatter
 
         def __exit__(self, *exc):
-            ring._all_gather_single, ring._reduce_scatter_single = self.saved
+            allgather.all_gather_single, allgather.reduce_scatter_single = self.saved
 
     return _Ctx()
 
@@ -236,8 +239,8 @@ def _calibrate(group, device, repeats):
     if device.type == "cuda":
         step.sync = torch.cuda.synchronize
     t_gemm = _timed(lambda: torch.mm(a, b.T, out=s), step, repeats)
-    params = ring._kernel_params(device, _opts("llave", 0.02, 9.0, 5.0, 0.1, False, "mean", 0,
-                                               False), False, 1.0)  # fmt: skip
+    spec = LossSpec("llave", 0.02, 9.0, 5.0, 0.1, check_finite=False)
+    params = _schedule.kernel_params(device, spec, False, 1.0)
     stats = torch.zeros(4, 512, device=device)
     stats[0] = -float("inf")
     params.s, params.rows, params.cols, params.ld_s = s.data_ptr(), 512, 4096, 4096
@@ -338,7 +341,7 @@ def _predictions(calib, shapes, world):
     for B, D, M in shapes:
         for p in ("ring", "allgather"):
             pred = costmodel.predict(
-                p, batch=B, dim=D, world_size=world, negatives=M, link=link, compute=comp
+                p, batch=B, dim=D, world_size=world, hard_negatives=M, link=link, compute=comp
             )
             out[(B, D, M, p)] = pred
     return out
@@ -350,9 +353,14 @@ def _crossover_table() -> str:
         for K in (2, 8):
             for keep, keep_name in ((None, "64 MiB (default)"), (1 << 40, "unbounded")):
                 span = costmodel.crossover(
-                    dim=1024, world_size=K, negatives=7, link=link, keep_logits_bytes=keep
+                    dim=1024, world_size=K, hard_negatives=7, link=link, keep_logits_bytes=keep
                 )
-                text = f"{span[0]} .. {span[1]}" if span else "never"
+                if span is None:
+                    text = "never"
+                elif span[1] is None:
+                    text = f"{span[0]} .. beyond the search range"
+                else:
+                    text = f"{span[0]} .. {span[1]}"
                 rows.append([link.name, K, keep_name, text])
     return common.markdown_table(
         ["link", "K ranks", "kept logits", "ring faster for B per rank in"], rows
@@ -368,6 +376,12 @@ def main() -> None:
     ap.add_argument("--shapes", help="BxDxM,... per rank (default: the built-in list)")
     ap.add_argument("--memory-shape", default="x".join(map(str, MEMORY_SHAPE)), help="BxDxM")
     ap.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
+    ap.add_argument(
+        "--save-calibration",
+        action="store_true",
+        help=f"write the measured link and compute to {costmodel.CALIBRATION_FILE.name}, "
+        "which the cost model loads for CPU tensors (gloo only)",
+    )
     args = ap.parse_args()
     if args.backend == "nccl" and torch.cuda.device_count() < args.world:
         sys.exit(f"--backend nccl needs {args.world} GPUs, found {torch.cuda.device_count()}")
@@ -456,6 +470,15 @@ def main() -> None:
         "memory": memory,
     }
     path = common.write_results("bench_ring", record, "\n".join(md), out_dir=args.out_dir)
+    if args.save_calibration and args.backend == "gloo":
+        machine = record["machine"]
+        source = {
+            "source": os.path.relpath(path),
+            "machine": machine.get("cpu"),
+            "date": machine.get("date"),
+        }
+        costmodel.CALIBRATION_FILE.write_text(json.dumps({**source, **calib}, indent=1) + "\n")
+        print(f"wrote {costmodel.CALIBRATION_FILE}")
     print("\n".join(md))
     print(f"wrote {path}")
 

@@ -14,6 +14,7 @@ import hardneg.loss
 import pytest
 import torch
 from hardneg import fused_hardneg_loss
+from hardneg._spec import LossSpec
 
 B, M, D = 4, 2, 8
 
@@ -159,8 +160,8 @@ def test_huge_finite_input_is_not_reported():
 def test_check_finite_false_skips_the_scan(name, monkeypatch):
     """check_finite=False runs no scan (the op's own sync-free path) and lets the NaN through."""
     scans = []
-    scan = hardneg.loss._check_finite
-    monkeypatch.setattr(hardneg.loss, "_check_finite", lambda t: scans.append(t) or scan(t))
+    scan = hardneg._schedule.check_finite
+    monkeypatch.setattr(hardneg._schedule, "check_finite", lambda t: scans.append(t) or scan(t))
     args = _args()
     args[name].view(-1)[0] = float("nan")
     loss = _call(dict(args), check_finite=False, reduction="none")
@@ -177,5 +178,5 @@ def test_op_refuses_a_fused_gradient_for_reduction_none():
     q = torch.randn(B, D)
     with pytest.raises(ValueError, match="fuse_grad=True needs reduction 'mean' or 'sum'"):
         torch.ops.hardneg.hardneg_loss(
-            q, q, None, None, None, "llave", 0.02, 9.0, 5.0, 0.1, False, "none", 0, True, True
+            q, q, None, None, None, LossSpec(reduction="none").encode(), True
         )

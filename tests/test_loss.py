@@ -25,7 +25,7 @@ import hardneg.loss
 import pytest
 import torch
 from hardneg import TEMPERATURE, fused_hardneg_loss, hardneg_loss_reference
-from hardneg.loss import default_chunk_size
+from hardneg._schedule import default_chunk_size
 from loss_testing import (
     RTOL_FP32,
     allowed_error,

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hardneg import _ops
-from hardneg.loss import default_chunk_size
+from hardneg._schedule import default_chunk_size
 
 DEVICE = torch.device("cuda")
 REL_FLOOR = 1e-5

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hardneg import fused_hardneg_loss
+from hardneg._spec import LossSpec
 from loss_testing import make_inputs
 
 B, M, D = 5, 2, 12
@@ -24,10 +25,9 @@ def _op_args(*, hard: bool, fuse_grad: bool, reduction: str, mode: str, requires
         if t is not None:
             t.requires_grad_(requires_grad)
     ids = (inputs["target_ids"], inputs["hard_negative_ids"]) if hard else (None, None)
-    # mode, temperature, alpha, ega_beta, ega_margin, symmetric, reduction, chunk_size (2 rows:
-    # several chunks, the last partial), check_finite, fuse_grad
-    options = (mode, 0.05, 9.0, 5.0, 0.1, True, reduction, 2, True, fuse_grad)
-    return (query, target, hard_negatives, *ids, *options)
+    # chunk_size 2 rows: several chunks, the last partial.
+    spec = LossSpec(mode, 0.05, 9.0, 5.0, 0.1, True, reduction, chunk_size=2, check_finite=True)
+    return (query, target, hard_negatives, *ids, spec.encode(), fuse_grad)
 
 
 # fuse_grad with reduction "none" is never issued (fused_hardneg_loss recomputes instead).
@@ -46,11 +46,11 @@ def test_opcheck_hardneg_loss(mode, hard, fuse_grad, reduction):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("hard", [False, True], ids=["no_hn", "hn_ids"])
 def test_opcheck_hardneg_loss_backward(hard, reduction):
-    query, target, hard_negatives, target_ids, hard_negative_ids, *options = _op_args(
+    *inputs, spec, _ = _op_args(
         hard=hard, fuse_grad=False, reduction=reduction, mode="ega", requires_grad=False
     )
     grad_loss = torch.randn(B) if reduction == "none" else torch.tensor(1.7)
-    args = (grad_loss, query, target, hard_negatives, target_ids, hard_negative_ids, *options[:8])
+    args = (grad_loss, *inputs, spec)
     torch.library.opcheck(torch.ops.hardneg.hardneg_loss_backward.default, args)
 
 

@@ -1,6 +1,6 @@
 """hardneg: fused hard-negative contrastive losses for universal multimodal embedders."""
 
-from hardneg._constants import ALPHA, EGA_BETA, EGA_MARGIN, TEMPERATURE
+from hardneg._constants import ALPHA, EGA_BETA, EGA_MARGIN, KEEP_LOGITS_BYTES, TEMPERATURE
 from hardneg._ops import build_info
 from hardneg.loss import fused_hardneg_loss
 from hardneg.reference import hardneg_loss_reference
@@ -11,6 +11,7 @@ __all__ = [
     "ALPHA",
     "EGA_BETA",
     "EGA_MARGIN",
+    "KEEP_LOGITS_BYTES",
     "TEMPERATURE",
     "build_info",
     "fused_hardneg_loss",

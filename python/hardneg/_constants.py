@@ -17,3 +17,10 @@ EGA_MARGIN = 0.0
 MODES = ("infonce", "llave", "ega")
 REDUCTIONS = ("mean", "sum", "none")
 STRATEGIES = ("auto", "ring", "allgather")
+TRANSPORTS = ("auto", "torch", "nccl")
+
+# Logits of whole ring blocks kept between forward and backward at most: each kept block saves the
+# recompute GEMM (2 B_r N_k D flops) for a copy of B_r N_k floats. 64 MiB keeps every block at
+# small per-rank batches, where recompute would be noticeable next to the transfer, and none at
+# large ones, where the ring's point is O(chunk) memory.
+KEEP_LOGITS_BYTES = 64 * 2**20

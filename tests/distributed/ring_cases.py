@@ -17,9 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-from hardneg import EGA_BETA, EGA_MARGIN, fused_hardneg_loss, hardneg_loss_reference
-from hardneg.distributed import ring
-from hardneg.distributed.ring import ring_hardneg_loss
+from hardneg import KEEP_LOGITS_BYTES, fused_hardneg_loss, hardneg_loss_reference
 from torch import Tensor
 
 D = 59  # odd, not a multiple of any vector width
@@ -141,30 +139,19 @@ def distributed(case: Case, inputs: dict, sizes, group, device="cpu") -> dict[st
         k: None if inputs[k] is None else inputs[k][lo:hi].to(device)
         for k in ("target_ids", "hard_negative_ids")
     }
-    kw = dict(
+    keep = KEEP_LOGITS_BYTES if case.keep_logits_bytes is None else case.keep_logits_bytes
+    loss = fused_hardneg_loss(
+        local["query"],
+        local["target"],
         hard_negatives=local.get("hard_negatives"),
         **ids,
         group=group,
         strategy=case.strategy,
+        transport=case.transport,
+        keep_logits_bytes=keep,
         chunk_size=case.chunk_size,
         **_options(case),
     )
-    if case.keep_logits_bytes is None and case.transport == "auto":
-        loss = fused_hardneg_loss(local["query"], local["target"], **kw)
-    else:
-        loss = ring_hardneg_loss(
-            local["query"],
-            local["target"],
-            temperature=0.02,
-            alpha=9.0,
-            ega_beta=EGA_BETA,
-            ega_margin=EGA_MARGIN,
-            keep_logits_bytes=ring.KEEP_LOGITS_BYTES
-            if case.keep_logits_bytes is None
-            else case.keep_logits_bytes,
-            transport=case.transport,
-            **kw,
-        )
     go = inputs["grad_output"]
     go = go[lo:hi].float() if case.reduction == "none" else go[0].float()
     (loss * go.to(device)).sum().backward()

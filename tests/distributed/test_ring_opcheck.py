@@ -1,6 +1,6 @@
-"""torch.library.opcheck of the cross-device ops on 2 gloo ranks: hardneg::hardneg_loss_group and
-hardneg::hardneg_loss_group_backward for both strategies (schema, fake implementation against
-the real outputs, autograd registration, AOT dispatch).
+"""torch.library.opcheck of the cross-device ops on 2 gloo ranks: hardneg::hardneg_loss_ring and
+hardneg::hardneg_loss_allgather with their backward ops (schema, fake implementation against the
+real outputs, autograd registration, AOT dispatch).
 
 Paths covered: the ring with every block's logits kept and with none kept (backward recomputes
 them), the all-gather with the gradient fused into the forward ("mean") and recomputed in
@@ -18,14 +18,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hardneg.distributed import ring
+from hardneg import KEEP_LOGITS_BYTES, fused_hardneg_loss
+from hardneg._spec import GroupSpec, LossSpec
+from hardneg.distributed.layout import register_group
 from ring_cases import SIZES, free_port
 
 D, M = 7, 2
 
-# (strategy, keep_logits_bytes, reduction, fuse_grad): the forward paths of hardneg_loss_group.
+# (strategy, keep_logits_bytes, reduction, fuse_grad): the forward paths of both ops.
 FORWARD = [
-    ("ring", ring.KEEP_LOGITS_BYTES, "mean", False),
+    ("ring", KEEP_LOGITS_BYTES, "mean", False),
     ("ring", 0, "none", False),
     ("allgather", 0, "mean", True),
     ("allgather", 0, "none", False),
@@ -43,24 +45,12 @@ def _args(rank: int, group, strategy, keep, reduction, fuse_grad, *, requires_gr
         t.requires_grad_(requires_grad)
     target_ids = torch.arange(B)
     hard_negative_ids = torch.arange(B * M).reshape(B, M) + 100
-    sizes = [b for k in range(2) for b in (SIZES[2][k], M)]
-    # mode, temperature, alpha, ega_beta, ega_margin, symmetric, reduction, chunk_size,
-    # check_finite, fuse_grad
-    loss_opts = ("ega", 0.05, 9.0, 2.0, 0.0, True, reduction, 2, True, fuse_grad)
-    name = ring._register_group(group)
-    return (
-        query,
-        target,
-        hard_negatives,
-        target_ids,
-        hard_negative_ids,
-        name,
-        sizes,
-        strategy,
-        "torch",
-        keep,
-        *loss_opts,
-    )
+    sizes = tuple(b for k in range(2) for b in (SIZES[2][k], M))
+    spec = LossSpec("ega", 0.05, 9.0, 2.0, 0.0, True, reduction, 2, True)
+    gspec = GroupSpec(register_group(group), sizes, strategy, "torch", keep)
+    args = (query, target, hard_negatives, target_ids, hard_negative_ids)
+    args += (spec.encode(), gspec.encode())
+    return args + ((fuse_grad,) if strategy == "allgather" else ())
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -76,17 +66,20 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         group = dist.group.WORLD
         done = []
         for case in FORWARD:
+            strategy = case[0]
+            forward = getattr(torch.ops.hardneg, f"hardneg_loss_{strategy}")
+            backward = getattr(torch.ops.hardneg, f"hardneg_loss_{strategy}_backward")
             args = _args(rank, group, *case, requires_grad=True)
-            torch.library.opcheck(torch.ops.hardneg.hardneg_loss_group.default, args)
-            done.append(f"forward-{case[0]}-{case[2]}-keep{case[1]}")
+            torch.library.opcheck(forward.default, args)
+            done.append(f"forward-{strategy}-{case[2]}-keep{case[1]}")
             # The backward op on what this forward saved for it.
             args = _args(rank, group, *case, requires_grad=False)
-            _, a, b = torch.ops.hardneg.hardneg_loss_group(*args)
+            _, saved_a, saved_b = forward(*args)
             B = args[0].shape[0]
             grad_loss = torch.randn(B) if case[2] == "none" else torch.tensor(1.7)
-            bwd_args = (grad_loss, *args[:5], a, b, *args[5 : 5 + len(ring._OPT_NAMES)])
-            torch.library.opcheck(torch.ops.hardneg.hardneg_loss_group_backward.default, bwd_args)
-            done.append(f"backward-{case[0]}-{case[2]}-keep{case[1]}")
+            bwd_args = (grad_loss, *args[:5], saved_a, saved_b, *args[5:7])
+            torch.library.opcheck(backward.default, bwd_args)
+            done.append(f"backward-{strategy}-{case[2]}-keep{case[1]}")
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(done, f)
     finally:
@@ -117,7 +110,19 @@ def test_opcheck_both_ops_on_every_rank(opchecked, strategy):
         assert got == want, f"rank {rank}: opcheck ran {got}, expected {want}"
 
 
-def test_an_unknown_strategy_is_rejected_by_name():
-    """Both ops validate the strategy before any collective (an unknown one is a ValueError)."""
-    with pytest.raises(ValueError, match="strategy must be 'ring' or 'allgather', got 'ringg'"):
-        ring._unpack("unused", [1, 0], "ringg")
+@pytest.mark.parametrize(
+    ("strategy", "transport", "keep", "message"),
+    [
+        ("ringg", "auto", 0, "strategy must be one of .* got 'ringg'"),
+        ("auto", "mpi", 0, "transport must be one of .* got 'mpi'"),
+        ("ring", "auto", -1, "keep_logits_bytes must be an int >= 0, got -1"),
+    ],
+)
+def test_group_options_are_rejected_by_name(strategy, transport, keep, message):
+    """The group options are checked before any collective: in the spec, and in the public entry
+    (which needs no process group to reject them)."""
+    with pytest.raises(ValueError, match=message):
+        GroupSpec("unused", (1, 0), strategy, transport, keep)
+    q = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=message):
+        fused_hardneg_loss(q, q, strategy=strategy, transport=transport, keep_logits_bytes=keep)

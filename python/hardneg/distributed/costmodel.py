@@ -25,12 +25,19 @@ measurements, until benchmarks/bench_ring.py has run on such machines.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from hardneg._constants import KEEP_LOGITS_BYTES
+
 STRATEGIES = ("ring", "allgather")
+# This machine kind's link and compute as measured by `benchmarks/bench_ring.py
+# --save-calibration` (loopback gloo, one thread per rank); rerun it when the machine changes.
+CALIBRATION_FILE = Path(__file__).with_name("calibration_cpu.json")
 
 
 @dataclass(frozen=True)
@@ -59,11 +66,16 @@ INFINIBAND = Link("ib-ndr400", 45e9, 20e-6)
 # H100 SXM: 67 TFLOP/s fp32 (no TF32) on paper, ~50 in practice; the fused kernels stream S at
 # ~3 TB/s, 8 bytes (read + write) per logit and sweep.
 H100 = Compute("h100-fp32", 50e12, 8 / 3e12)
-# Loopback gloo on the 2-core CI machine and its CPU (one thread per rank), calibrated by
-# benchmarks/bench_ring.py (benchmarks/results/bench_ring_amd-epyc-2c_2026-11-22): replace from a
-# new run when the machine changes.
-LOOPBACK_GLOO = Link("gloo-loopback", 0.49e9, 480e-6)
-CPU_2CORE = Compute("cpu-2core", 24e9, 0.75e-9)
+
+
+def load_calibration(path: Path = CALIBRATION_FILE) -> tuple[Link, Compute]:
+    """The (link, compute) a bench_ring calibration file measured."""
+    calib = json.loads(Path(path).read_text())
+    link = Link("gloo-loopback", calib["link_bandwidth"], calib["link_latency_s"])
+    return link, Compute("cpu", calib["gemm_flops"], calib["elem_seconds"])
+
+
+LOOPBACK_GLOO, CPU = load_calibration()
 
 
 def _wire_bytes(dtype: torch.dtype) -> int:
@@ -76,7 +88,7 @@ def predict(
     batch: int,
     dim: int,
     world_size: int,
-    negatives: int = 0,
+    hard_negatives: int = 0,
     dtype: torch.dtype = torch.float32,
     link: Link = NVLINK,
     compute: Compute = H100,
@@ -88,11 +100,9 @@ def predict(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if keep_logits_bytes is None:
-        from hardneg.distributed.ring import KEEP_LOGITS_BYTES
-
         keep_logits_bytes = KEEP_LOGITS_BYTES
     K, B, D = world_size, batch, dim
-    cols = B * (1 + negatives) + (B if symmetric else 0)  # columns of one block, both passes
+    cols = B * (1 + hard_negatives) + (B if symmetric else 0)  # columns of one block, both passes
     rows = cols
     gemm = 2.0 * B * cols * D / compute.gemm_flops
     elem = compute.elem_seconds * B * cols
@@ -117,19 +127,19 @@ def choose_strategy(
     batch: int,
     dim: int,
     world_size: int,
-    negatives: int = 0,
+    hard_negatives: int = 0,
     dtype: torch.dtype = torch.float32,
     link: Link = NVLINK,
     compute: Compute | None = None,
     symmetric: bool = False,
 ) -> str:
     """The strategy with the smaller predicted step time ("ring" or "allgather")."""
-    compute = compute or (CPU_2CORE if link is LOOPBACK_GLOO else H100)
+    compute = compute or (CPU if link is LOOPBACK_GLOO else H100)
     kw = dict(
         batch=batch,
         dim=dim,
         world_size=world_size,
-        negatives=negatives,
+        hard_negatives=hard_negatives,
         dtype=dtype,
         link=link,
         compute=compute,
@@ -155,7 +165,7 @@ def crossover(
     *,
     dim: int,
     world_size: int,
-    negatives: int = 0,
+    hard_negatives: int = 0,
     dtype: torch.dtype = torch.bfloat16,
     link: Link = NVLINK,
     compute: Compute = H100,
@@ -164,13 +174,14 @@ def crossover(
     max_batch: int = 1 << 16,
 ) -> tuple[int, int] | None:
     """(first, last) per-rank batch of the range where the ring is predicted faster than the
-    all-gather, or None when it never is up to max_batch. The range can close again: once a
+    all-gather, or None when it never is up to max_batch; last is None when the ring is still
+    faster at max_batch (the range extends beyond the search). The range can close again: once a
     rank's logits outgrow keep_logits_bytes the ring recomputes them (one more GEMM in 4), which
     costs more than the all-gather's exposed transfers at very large B."""
     kw = dict(
         dim=dim,
         world_size=world_size,
-        negatives=negatives,
+        hard_negatives=hard_negatives,
         dtype=dtype,
         link=link,
         compute=compute,
@@ -178,11 +189,14 @@ def crossover(
         keep_logits_bytes=keep_logits_bytes,
     )
     first = last = None
-    b = 1
+    b = searched = 1
     while b <= max_batch:
         ring = predict("ring", batch=b, **kw)["total"]
         if ring < predict("allgather", batch=b, **kw)["total"]:
             first = b if first is None else first
             last = b
+        searched = b
         b += max(1, b // 16)  # ~6 % steps: fine enough for a table
-    return None if first is None else (first, last)
+    if first is None:
+        return None
+    return first, (None if last == searched else last)
