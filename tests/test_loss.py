@@ -156,6 +156,28 @@ def test_ids_change_the_result(mode):
         assert max_error(masked[name], unmasked[name]) > 100 * allowed, name
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["q2t", "sym"])
+@pytest.mark.parametrize("mode", MODES)
+def test_hard_negatives_without_ids_are_never_masked(mode, symmetric):
+    """target_ids with hard_negative_ids=None: in-batch duplicates are masked, hard negatives never
+    (the reference masks only the columns it has ids for). make_inputs forces a hard negative of
+    query 0 to carry its positive's id, so the masked and the unmasked-hard-negative losses
+    differ; negative ids such as -1 stay ordinary ids."""
+    inputs = make_inputs(7, 59, 2, ids=True)
+    inputs["target_ids"] = inputs["target_ids"] - 1  # -1 among them: an ordinary id
+    no_hn_ids = {**inputs, "hard_negative_ids": None}
+    opts = {"mode": mode, "symmetric": symmetric, "reduction": "none"}
+    got = loss_and_grads(fused_hardneg_loss, no_hn_ids, grad_output=0.5, chunk_size=3, **opts)
+    want = loss_and_grads(hardneg_loss_reference, no_hn_ids, grad_output=0.5, **opts)
+    check_close(got, want, rtol=RTOL_FP32, atol=fp32_floor("none", 7, 0.5))
+    # The same as ids the targets never use, and not the same as the masking ids.
+    fresh = {**inputs, "hard_negative_ids": torch.full((7, 2), 10**6)}
+    check_close(got, loss_and_grads(hardneg_loss_reference, fresh, grad_output=0.5, **opts),
+                rtol=RTOL_FP32, atol=fp32_floor("none", 7, 0.5))  # fmt: skip
+    masked = loss_and_grads(hardneg_loss_reference, inputs, grad_output=0.5, **opts)
+    assert max_error(got["loss"], masked["loss"]) > 1e-3
+
+
 def test_noncontiguous_inputs_and_ids():
     """Strided views are valid inputs: ids are read per row by the kernel, so a strided id tensor
     must be made contiguous before its pointer is taken."""

@@ -19,6 +19,11 @@ REDUCTIONS = ("mean", "sum", "none")
 STRATEGIES = ("auto", "ring", "allgather")
 TRANSPORTS = ("auto", "torch", "nccl")
 
+# The id the kernels give hard negatives when the caller passes target_ids but no
+# hard_negative_ids ("never mask a hard negative"): the smallest int64, which target ids must not
+# use. The kernels compare ids only; a reserved value keeps them free of a special case.
+UNMASKED_ID = -(2**63)
+
 # Logits of whole ring blocks kept between forward and backward at most: each kept block saves the
 # recompute GEMM (2 B_r N_k D flops) for a copy of B_r N_k floats. 64 MiB keeps every block at
 # small per-rank batches, where recompute would be noticeable next to the transfer, and none at

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from hardneg import _ops
+from hardneg._constants import UNMASKED_ID
 from hardneg._spec import LossSpec
 
 # A chunk of S holds at most this many bytes unless one row alone is larger: big enough that the
@@ -33,6 +34,21 @@ def default_chunk_size(num_candidates: int) -> int:
 def chunk_rows(spec: LossSpec, num_candidates: int) -> int:
     """Rows per chunk: the spec's chunk_size, or the default for N candidates."""
     return spec.chunk_size or default_chunk_size(num_candidates)
+
+
+def candidate_ids(
+    target_ids: Tensor | None, hard_negative_ids: Tensor | None, hard_negatives: Tensor | None
+) -> Tensor | None:
+    """Ids of the candidates [target; hard negatives] (N,), dense, or None without target_ids.
+    Hard negatives without ids get UNMASKED_ID: no positive has it, so none is ever masked."""
+    if target_ids is None:
+        return None
+    if hard_negatives is None:
+        return target_ids.contiguous()
+    if hard_negative_ids is None:
+        B, M = hard_negatives.shape[:2]
+        hard_negative_ids = target_ids.new_full((B, M), UNMASKED_ID)
+    return torch.cat([target_ids, hard_negative_ids.reshape(-1)])
 
 
 def check_finite(tensors: dict[str, Tensor | None]) -> None:

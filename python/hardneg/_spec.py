@@ -196,12 +196,10 @@ def _check_like_query(name: str, t: Tensor, query: Tensor) -> None:
 
 
 def _check_ids(query, hard_negatives, target_ids, hard_negative_ids) -> None:
-    if (target_ids is None) != (hard_negative_ids is None) and hard_negatives is not None:
+    if hard_negative_ids is not None and target_ids is None:
         raise ValueError(
-            "target_ids and hard_negative_ids must be given together when "
-            f"hard_negatives is given (target_ids is "
-            f"{'None' if target_ids is None else 'set'}, hard_negative_ids is "
-            f"{'None' if hard_negative_ids is None else 'set'})"
+            "hard_negative_ids needs target_ids: a hard negative is masked when its id equals the "
+            "id of the query's positive (target_ids is None)"
         )
     if hard_negative_ids is not None and hard_negatives is None:
         got = (

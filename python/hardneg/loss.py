@@ -54,11 +54,9 @@ def _compute(
     blocks = [t_BD]
     if target_ids is not None:
         target_ids = target_ids.contiguous()  # the kernel reads ids through a raw pointer
-    ids_N = target_ids
+    ids_N = _schedule.candidate_ids(target_ids, hard_negative_ids, hard_negatives)
     if hard_negatives is not None:
         blocks.append(hard_negatives.float().reshape(-1, D).contiguous())
-        if target_ids is not None:
-            ids_N = torch.cat([target_ids, hard_negative_ids.reshape(-1)])
     N = sum(c.shape[0] for c in blocks)
     grad_scale = _schedule.grad_scale_of(spec, B)
     row_scale_B = _schedule.row_scale(grad_loss, B, spec.reduction)
@@ -254,9 +252,11 @@ def fused_hardneg_loss(
     the candidate pool shared by every query, N = B + B*M candidates in the order
     [target; hard_negatives.reshape(B*M, D)]. target_ids (B,), hard_negative_ids (B, M), int64: a
     candidate whose id equals the id of a query's positive is a false negative and is masked out
-    (in both directions when symmetric). Inputs are used as given: L2-normalise them first for
-    cosine similarities (the intended use). float32, bfloat16 and float16 inputs are accumulated in
-    fp32; the loss is fp32 and gradients come back in the input dtype.
+    (in both directions when symmetric). hard_negative_ids=None with target_ids given: hard
+    negatives are never masked (mined negatives without ids; target ids must not use the
+    reserved id -2**63, hardneg._constants.UNMASKED_ID). Inputs are used as given: L2-normalise
+    them first for cosine similarities (the intended use). float32, bfloat16 and float16 inputs are
+    accumulated in fp32; the loss is fp32 and gradients come back in the input dtype.
 
     With s_ij = q_i . c_j, tau = temperature, p(i) = i and P = softmax_j(z):
       infonce:  z_ij = s_ij / tau

@@ -26,7 +26,8 @@ def _direction_loss(
     ega_beta: float,
     ega_margin: float,
 ) -> Tensor:
-    """Per-row loss of rows against candidates; row i's positive is candidate i."""
+    """Per-row loss of rows against candidates; row i's positive is candidate i. cand_ids_N may
+    cover only the first candidates: the others are never masked."""
     B = rows_BD.shape[0]
     s_BN = rows_BD @ cands_ND.T
     is_pos_BN = torch.zeros_like(s_BN, dtype=torch.bool)
@@ -35,7 +36,9 @@ def _direction_loss(
     if mode == "llave":
         z_BN = z_BN + alpha * s_BN.detach() * (~is_pos_BN)
     if row_ids_B is not None:
-        false_neg_BN = (cand_ids_N[None, :] == row_ids_B[:, None]) & ~is_pos_BN
+        false_neg_BN = torch.zeros_like(is_pos_BN)
+        n = cand_ids_N.shape[0]
+        false_neg_BN[:, :n] = (cand_ids_N[None, :] == row_ids_B[:, None]) & ~is_pos_BN[:, :n]
         z_BN = z_BN.masked_fill(false_neg_BN, float("-inf"))
     loss_B = torch.logsumexp(z_BN, dim=1) - z_BN.diagonal()
     if mode == "ega":
@@ -76,7 +79,7 @@ def hardneg_loss_reference(
     cand_ids_N = target_ids
     if hard_negatives is not None:
         cands_ND = torch.cat([target, hard_negatives.flatten(0, 1)])
-        if target_ids is not None:
+        if target_ids is not None and hard_negative_ids is not None:
             cand_ids_N = torch.cat([target_ids, hard_negative_ids.flatten()])
     opts = (mode, temperature, alpha, ega_beta, ega_margin)
     loss_B = _direction_loss(query, cands_ND, target_ids, cand_ids_N, *opts)

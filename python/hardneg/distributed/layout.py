@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hardneg._constants import MODES, REDUCTIONS
+from hardneg._schedule import candidate_ids
 from hardneg._spec import FLOAT_DTYPES, LossSpec
 
 _GROUPS: dict[str, dist.ProcessGroup] = {}
@@ -162,13 +163,7 @@ def own_block(query, target, hard_negatives, target_ids, hard_negative_ids, symm
     if symmetric:
         parts.append(query)
     emb = torch.cat(parts).contiguous()
-    ids = None
-    if target_ids is not None:
-        ids = target_ids
-        if hard_negative_ids is not None:
-            ids = torch.cat([target_ids, hard_negative_ids.reshape(-1)])
-        ids = ids.contiguous()
-    return emb, ids
+    return emb, candidate_ids(target_ids, hard_negative_ids, hard_negatives)
 
 
 def finish_loss(loss_B: Tensor, reduction: str, layout: Layout, group) -> Tensor:
