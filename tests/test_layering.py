@@ -24,6 +24,7 @@ LAYERS = {
     "_C_cuda": 0,
     "_ops": 1,
     "_spec": 1,
+    "_gemm": 1,
     "reference": 1,
     "_schedule": 2,
     "distributed": 3,

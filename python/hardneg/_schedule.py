@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hardneg import _ops
+from hardneg import _gemm, _ops
 from hardneg._constants import UNMASKED_ID
 from hardneg._spec import LossSpec
 
@@ -126,6 +126,7 @@ def row_pass(
 ) -> None:
     """One direction of the loss: row i's positive is candidate i. Writes loss_B and, when
     d_rows_BD is given, accumulates dL/drows and dL/dcands scaled by grad_scale * row_scale_B.
+    rows_BD and cands_ND are GEMM operands (hardneg._gemm.operand); d_rows_BD, d_cands_ND fp32.
 
     cands_ND may be a tuple of column blocks (N_k, D) standing for their concatenation, with
     d_cands_ND the matching tuple: [target; hard negatives] then needs no concatenated copy (the
@@ -157,7 +158,7 @@ def row_pass(
         rows_RD = rows_BD[r0:r1]
         s_RN = s_buf[: (r1 - r0) * N].view(r1 - r0, N)
         for c_KD, (c0, c1) in zip(blocks, spans, strict=True):
-            torch.mm(rows_RD, c_KD.T, out=s_RN[:, c0:c1])  # (R, D) x (D, K) -> (R, K)
+            _gemm.mm(rows_RD, c_KD.T, out=s_RN[:, c0:c1])  # (R, D) x (D, K) -> (R, K)
         params.s = s_RN.data_ptr()
         params.rows = r1 - r0
         params.pos_offset = r0
@@ -175,10 +176,10 @@ def row_pass(
         for k, (c_KD, d_c_KD, (c0, c1)) in enumerate(zip(blocks, d_blocks, spans, strict=True)):
             ds_RK = s_RN[:, c0:c1]
             if k == 0 and not accumulate:
-                torch.mm(ds_RK, c_KD, out=d_rows_BD[r0:r1])  # (R, K) x (K, D) -> (R, D)
+                _gemm.mm(ds_RK, c_KD, out=d_rows_BD[r0:r1])  # (R, K) x (K, D) -> (R, D)
             else:
-                d_rows_BD[r0:r1].addmm_(ds_RK, c_KD)
+                _gemm.addmm_(d_rows_BD[r0:r1], ds_RK, c_KD)
             if r0 == 0 and not accumulate:
-                torch.mm(ds_RK.T, rows_RD, out=d_c_KD)  # (K, R) x (R, D) -> (K, D)
+                _gemm.mm(ds_RK.T, rows_RD, out=d_c_KD)  # (K, R) x (R, D) -> (K, D)
             else:
-                d_c_KD.addmm_(ds_RK.T, rows_RD)
+                _gemm.addmm_(d_c_KD, ds_RK.T, rows_RD)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hardneg import _schedule
+from hardneg import _gemm, _schedule
 from hardneg._constants import (
     ALPHA,
     EGA_BETA,
@@ -47,16 +47,16 @@ def _compute(
     if spec.check_finite:
         _schedule.check_finite({"query": query, "target": target, "hard_negatives": hard_negatives})
     B, D = query.shape
-    # fp32 inputs are used in place: the candidates stay two column blocks [target | hard
-    # negatives] instead of one concatenated (N, D) copy.
-    q_BD = query.float().contiguous()
-    t_BD = target.float().contiguous()
+    # Operands per hardneg._gemm's policy (fp32 inputs are used in place); the candidates stay
+    # two column blocks [target | hard negatives] instead of one concatenated (N, D) copy.
+    q_BD = _gemm.operand(query)
+    t_BD = _gemm.operand(target)
     blocks = [t_BD]
     if target_ids is not None:
         target_ids = target_ids.contiguous()  # the kernel reads ids through a raw pointer
     ids_N = _schedule.candidate_ids(target_ids, hard_negative_ids, hard_negatives)
     if hard_negatives is not None:
-        blocks.append(hard_negatives.float().reshape(-1, D).contiguous())
+        blocks.append(_gemm.operand(hard_negatives.reshape(-1, D)))
     N = sum(c.shape[0] for c in blocks)
     grad_scale = _schedule.grad_scale_of(spec, B)
     row_scale_B = _schedule.row_scale(grad_loss, B, spec.reduction)
@@ -99,7 +99,11 @@ def _compute(
         loss_B = (loss_B + loss_t_B) * 0.5
 
     if not need_grad:
-        return loss_B, query.new_empty(0, dtype=torch.float32), q_BD.new_empty(0)
+        return (
+            loss_B,
+            query.new_empty(0, dtype=torch.float32),
+            q_BD.new_empty(0, dtype=torch.float32),
+        )
     return loss_B, dq_BD, dc_ND
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hardneg import _schedule
+from hardneg import _gemm, _schedule
 from hardneg._spec import LossSpec
 from hardneg.distributed.layout import Layout, all_gather_single, own_block, reduce_scatter_single
 
@@ -55,13 +55,13 @@ def allgather_compute(
     own_emb, own_ids = own_block(*inputs, spec.symmetric)
     emb_KXD, ids_KN = _gather_blocks(own_emb, own_ids, layout, group)
     order = _own_first(layout)
-    c_ND = torch.cat([emb_KXD[k, : layout.cands(k)] for k in order]).float()
+    c_ND = _gemm.operand(torch.cat([emb_KXD[k, : layout.cands(k)] for k in order]))
     ids_N = torch.cat([ids_KN[k, : layout.cands(k)] for k in order]) if ids_KN is not None else None
     row_scale_B = _schedule.row_scale(grad_loss, B, spec.reduction)
     grad_scale = _schedule.grad_scale_of(spec, layout.total_batch)
-    q_BD = query.float().contiguous()
-    dq_BD = torch.zeros_like(q_BD) if need_grad else None
-    dc_ND = torch.zeros_like(c_ND) if need_grad else None
+    q_BD = _gemm.operand(query)
+    dq_BD = torch.zeros_like(q_BD, dtype=torch.float32) if need_grad else None
+    dc_ND = torch.zeros_like(c_ND, dtype=torch.float32) if need_grad else None
     loss_B = torch.empty(B, dtype=torch.float32, device=query.device)
     chunk = _schedule.chunk_rows(spec, c_ND.shape[0])
     _schedule.row_pass(
@@ -69,15 +69,15 @@ def allgather_compute(
     )
     if spec.symmetric:
         # t->q: local targets against every rank's queries (the block's last B_k rows).
-        qc_BD = torch.cat(
-            [emb_KXD[k, layout.cands(k) : layout.block_rows(k)] for k in order]
-        ).float()
+        qc_BD = _gemm.operand(
+            torch.cat([emb_KXD[k, layout.cands(k) : layout.block_rows(k)] for k in order])
+        )
         qids_B = None
         if ids_KN is not None:
             qids_B = torch.cat([ids_KN[k, : layout.batch[k]] for k in order])
-        t_BD = target.float().contiguous()
-        dt_BD = torch.zeros_like(t_BD) if need_grad else None
-        dqc_BD = torch.zeros_like(qc_BD) if need_grad else None
+        t_BD = _gemm.operand(target)
+        dt_BD = torch.zeros_like(t_BD, dtype=torch.float32) if need_grad else None
+        dqc_BD = torch.zeros_like(qc_BD, dtype=torch.float32) if need_grad else None
         loss_t_B = torch.empty_like(loss_B)
         chunk = _schedule.chunk_rows(spec, qc_BD.shape[0])
         _schedule.row_pass(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hardneg import _ops, _schedule
+from hardneg import _gemm, _ops, _schedule
 from hardneg._spec import LossSpec
 from hardneg.distributed.layout import Layout, own_block
 from hardneg.distributed.transport import Transport
@@ -38,7 +38,7 @@ class _Direction:
     "t->q" (symmetric): target rows, columns [N_k, N_k + B_k) = Q_k with ids t_ids_k (a query
     carries the id of its positive)."""
 
-    rows_BD: Tensor  # fp32, (B_r, D)
+    rows_BD: Tensor  # (B_r, D), a GEMM operand (hardneg._gemm)
     name: str  # "q->t" or "t->q"
 
     def cols(self, layout: Layout, k: int) -> tuple[int, int]:
@@ -121,9 +121,9 @@ class _RingState:
 def _ring_start(inputs, layout: Layout, spec: LossSpec, keep_bytes: int) -> _RingState:
     query, target, hard_negatives, target_ids, hard_negative_ids = inputs
     B, D = query.shape
-    directions = [_Direction(query.float().contiguous(), "q->t")]
+    directions = [_Direction(_gemm.operand(query), "q->t")]
     if spec.symmetric:
-        directions.append(_Direction(target.float().contiguous(), "t->q"))
+        directions.append(_Direction(_gemm.operand(target), "t->q"))
     own_emb, own_ids = own_block(*inputs, spec.symmetric)
     buffers = _RingBuffers(layout, D, query.dtype, query.device, own_ids is not None)
     emb, ids = buffers.block(0, layout.rank)
@@ -147,10 +147,10 @@ def _ring_chunks(state: _RingState, layout: Layout, step: int, params, target_id
     """The chunks of the block in hand at `step`, in the order both rings visit them: yields
     (direction index, direction, c_XD, c0, c1, r0, r1) for local rows [r0, r1) against block
     columns [c0, c1), with the kernel parameters that depend only on those (columns, their ids,
-    rows, the positive's offset, the rows' ids) already set. c_XD: the block in fp32."""
+    rows, the positive's offset, the rows' ids) already set. c_XD: the block as a GEMM operand."""
     k = layout.owner(step)
     emb, ids = state.buffers.block(step % 2, k)
-    c_XD = emb.float()
+    c_XD = _gemm.operand(emb)
     B = layout.batch[layout.rank]
     for d, direction in enumerate(state.directions):
         c0, c1 = direction.cols(layout, k)
@@ -199,7 +199,7 @@ def ring_forward(inputs, layout: Layout, transport: Transport, spec: LossSpec, k
                 s_RC = kept[off : off + R * C].view(R, C)
             else:
                 s_RC = state.s_buf[: R * C].view(R, C)
-            torch.mm(direction.rows_BD[r0:r1], c_XD[c0:c1].T, out=s_RC)  # (R, D) x (D, C)
+            _gemm.mm(direction.rows_BD[r0:r1], c_XD[c0:c1].T, out=s_RC)  # (R, D) x (D, C)
             params.s = s_RC.data_ptr()
             params.run_max = stats[d, 0, r0:].data_ptr()
             params.run_sum = stats[d, 1, r0:].data_ptr()
@@ -263,15 +263,15 @@ def ring_backward(
                 off = state.plan[step][d] + r0 * C
                 s_RC.copy_(kept[off : off + R * C].view(R, C))
             else:
-                torch.mm(direction.rows_BD[r0:r1], c_XD[c0:c1].T, out=s_RC)  # (R, D) x (D, C)
+                _gemm.mm(direction.rows_BD[r0:r1], c_XD[c0:c1].T, out=s_RC)  # (R, D) x (D, C)
             params.s = s_RC.data_ptr()
             params.lse = saved[d, 0, r0:].data_ptr()
             params.s_pos = saved[d, 1, r0:].data_ptr()
             if row_scale_B is not None:
                 params.row_scale = row_scale_B[r0:].data_ptr()
             kernels.hardneg_loss_block_grad(params)  # s_RC <- dL/dS
-            d_rows[d][r0:r1].addmm_(s_RC, c_XD[c0:c1])  # (R, C) x (C, D) -> (R, D)
-            g_XD[c0:c1].addmm_(s_RC.T, direction.rows_BD[r0:r1])  # (C, R) x (R, D) -> (C, D)
+            _gemm.addmm_(d_rows[d][r0:r1], s_RC, c_XD[c0:c1])  # (R, C) x (C, D) -> (R, D)
+            _gemm.addmm_(g_XD[c0:c1], s_RC.T, direction.rows_BD[r0:r1])  # (C, R) x (R, D)
         handle.wait()
         if step >= 1:
             g_XD += incoming[: layout.block_rows(k)]
