@@ -157,8 +157,8 @@ def test_huge_finite_input_is_not_reported():
 def test_check_finite_false_skips_the_scan(name, monkeypatch):
     """check_finite=False runs no scan (the op's own sync-free path) and lets the NaN through."""
     scans = []
-    scan = hardneg._schedule.check_finite
-    monkeypatch.setattr(hardneg._schedule, "check_finite", lambda t: scans.append(t) or scan(t))
+    scan = hardneg._finite.check_finite
+    monkeypatch.setattr(hardneg._finite, "check_finite", lambda t: scans.append(t) or scan(t))
     args = _args()
     args[name].view(-1)[0] = float("nan")
     loss = _call(dict(args), check_finite=False, reduction="none")

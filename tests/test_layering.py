@@ -25,6 +25,7 @@ LAYERS = {
     "_ops": 1,
     "_spec": 1,
     "_gemm": 1,
+    "_finite": 1,
     "reference": 1,
     "_schedule": 2,
     "distributed": 3,

@@ -19,21 +19,38 @@ from hardneg import _gemm, _ops
 from hardneg._constants import UNMASKED_ID
 from hardneg._spec import LossSpec
 
-# A chunk of S holds at most this many bytes unless one row alone is larger: big enough that the
-# chunk GEMMs run at full speed and the rank-R updates of dC stay few, small next to the inputs.
-# Measured on CPU (benchmarks/results/bench_loss_*): 256 to 1024 rows within 7% of each other,
-# 64 rows 1.15-1.25x and 16 rows 1.5-2x slower.
+# CPU: a chunk of S holds at most this many bytes unless one row alone is larger: big enough that
+# the chunk GEMMs run at full speed and the rank-R updates of dC stay few, small next to the
+# inputs. Measured on CPU (benchmarks/results/bench_loss_*): 256 to 1024 rows within 7% of each
+# other, 64 rows 1.15-1.25x and 16 rows 1.5-2x slower.
 CHUNK_BYTES = 32 * 2**20
+# CUDA: 1/64 of the device's memory, at most 2 GiB (1.25 GiB on an 80 GB H100: 5120 rows at
+# N = 65536, 640 at N = 2^19). Occupancy: the row kernels run one block per row, and an H100 holds
+# ~1000 resident blocks (132 SMs), so R >= 1024 fills it in one wave where R = 128 used an eighth.
+# Traffic: each chunk's dC += dS^T Q reads and writes all of dC (8 N D bytes) for 2 R N D flops,
+# R / 4 flop per byte: R >= 1024 keeps that update above the bf16 ridge of ~300 flop/byte (990
+# TFLOP/s over 3.35 TB/s), i.e. GEMM-bound, not memory-bound.
+CUDA_CHUNK_FRACTION = 64
+CUDA_CHUNK_MAX_BYTES = 2 * 2**30
 
 
-def default_chunk_size(num_candidates: int) -> int:
-    """Rows per chunk of S for N candidates: CHUNK_BYTES of fp32, at least 16 rows."""
-    return max(16, CHUNK_BYTES // (4 * max(num_candidates, 1)))
+def chunk_bytes(device: torch.device) -> int:
+    """The memory budget of one chunk of S on `device` (see the constants above)."""
+    if device.type != "cuda":
+        return CHUNK_BYTES
+    total = torch.cuda.get_device_properties(device).total_memory
+    return min(total // CUDA_CHUNK_FRACTION, CUDA_CHUNK_MAX_BYTES)
 
 
-def chunk_rows(spec: LossSpec, num_candidates: int) -> int:
-    """Rows per chunk: the spec's chunk_size, or the default for N candidates."""
-    return spec.chunk_size or default_chunk_size(num_candidates)
+def default_chunk_size(num_candidates: int, device: torch.device | None = None) -> int:
+    """Rows per chunk of S for N candidates: chunk_bytes(device) of fp32, at least 16 rows."""
+    budget = chunk_bytes(device) if device is not None else CHUNK_BYTES
+    return max(16, budget // (4 * max(num_candidates, 1)))
+
+
+def chunk_rows(spec: LossSpec, num_candidates: int, device: torch.device) -> int:
+    """Rows per chunk: the spec's chunk_size (the user's override), or the device's default."""
+    return spec.chunk_size or default_chunk_size(num_candidates, device)
 
 
 def candidate_ids(
@@ -49,20 +66,6 @@ def candidate_ids(
         B, M = hard_negatives.shape[:2]
         hard_negative_ids = target_ids.new_full((B, M), UNMASKED_ID)
     return torch.cat([target_ids, hard_negative_ids.reshape(-1)])
-
-
-def check_finite(tensors: dict[str, Tensor | None]) -> None:
-    """FloatingPointError naming the first input that holds a NaN or Inf."""
-    for name, t in tensors.items():
-        # One read-only reduction first: a NaN or Inf anywhere makes the sum NaN or Inf. Only then
-        # the exact scan, which also clears a sum that overflowed on huge finite values.
-        if t is None or bool(torch.isfinite(t.sum())):
-            continue
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise FloatingPointError(
-                f"{name} holds {bad} NaN or Inf value(s); pass check_finite=False to skip this scan"
-            )
 
 
 def kernel_params(device: torch.device, spec: LossSpec, need_grad: bool, grad_scale: float):

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hardneg import _gemm, _schedule
+from hardneg import _finite, _gemm, _schedule
 from hardneg._constants import (
     ALPHA,
     EGA_BETA,
@@ -45,7 +45,7 @@ def _compute(
     gradients dq (B, D) and dc (N, D) = [dt; dh] of the reduced loss scaled by grad_loss (1 when
     None)."""
     if spec.check_finite:
-        _schedule.check_finite({"query": query, "target": target, "hard_negatives": hard_negatives})
+        _finite.check_finite({"query": query, "target": target, "hard_negatives": hard_negatives})
     B, D = query.shape
     # Operands per hardneg._gemm's policy (fp32 inputs are used in place); the candidates stay
     # two column blocks [target | hard negatives] instead of one concatenated (N, D) copy.
@@ -72,7 +72,7 @@ def _compute(
         target_ids,
         ids_N,
         spec,
-        _schedule.chunk_rows(spec, N),
+        _schedule.chunk_rows(spec, N, query.device),
         loss_B,
         grad_scale,
         row_scale_B,
@@ -89,7 +89,7 @@ def _compute(
             target_ids,
             target_ids,
             spec,
-            _schedule.chunk_rows(spec, B),
+            _schedule.chunk_rows(spec, B, query.device),
             loss_t_B,
             grad_scale,
             row_scale_B,
@@ -278,8 +278,11 @@ def fused_hardneg_loss(
       direction ranks the queries for each in-batch target (hard negatives take no part).
 
     reduction: "mean" (over queries), "sum", or "none" (shape (B,), per-index mean of both
-    directions when symmetric). chunk_size: rows of S per chunk (default: 32 MiB of fp32).
-    check_finite: scan the inputs for NaN/Inf first (FloatingPointError); False skips the scan.
+    directions when symmetric). chunk_size: rows of S per chunk (default: 32 MiB of fp32 on CPU,
+    1/64 of the GPU's memory up to 2 GiB on CUDA: hardneg._schedule.chunk_bytes).
+    check_finite: scan the inputs for NaN/Inf (FloatingPointError); False skips the scan. On CPU
+    the error is raised at once; on CUDA the scan queues without a host synchronisation and its
+    verdict raises at a later hardneg call or at hardneg.raise_if_nonfinite() (hardneg._finite).
 
     Cross-device negatives: group (None: this process only): with more than one rank the loss is
     the single-process loss over the concatenation of every rank's batch, the same value on every

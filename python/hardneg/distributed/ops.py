@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hardneg import _schedule
+from hardneg import _finite, _schedule
 from hardneg._spec import GroupSpec, LossSpec
 from hardneg.distributed import costmodel
 from hardneg.distributed.allgather import allgather_compute, allgather_grads
@@ -112,7 +112,7 @@ def _ring_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     loss_spec, gspec, group, layout = _context(spec, group_spec)
     if loss_spec.check_finite:
-        _schedule.check_finite({"query": query, "target": target, "hard_negatives": hard_negatives})
+        _finite.check_finite({"query": query, "target": target, "hard_negatives": hard_negatives})
     inputs = (query, target, hard_negatives, target_ids, hard_negative_ids)
     transport = make_transport(group, query.device, gspec.transport)
     loss_B, stats, kept = ring_forward(
@@ -204,7 +204,7 @@ def _allgather_op(
         # Backward scales fused gradients by one number: a per-row loss cannot have them.
         raise ValueError("fuse_grad=True needs reduction 'mean' or 'sum', got reduction 'none'")
     if loss_spec.check_finite:
-        _schedule.check_finite({"query": query, "target": target, "hard_negatives": hard_negatives})
+        _finite.check_finite({"query": query, "target": target, "hard_negatives": hard_negatives})
     inputs = (query, target, hard_negatives, target_ids, hard_negative_ids)
     loss_B, dq, dc = allgather_compute(inputs, layout, group, loss_spec, fuse_grad, None)
     if not fuse_grad:

@@ -132,13 +132,13 @@ def _ring_start(inputs, layout: Layout, spec: LossSpec, keep_bytes: int) -> _Rin
         ids.copy_(own_ids)
     plan, kept_floats = keep_plan(layout, len(directions), keep_bytes)
     cols = layout.max_block_rows
-    R = min(B, _schedule.chunk_rows(spec, cols))
+    R = min(B, _schedule.chunk_rows(spec, cols, query.device))
     s_buf = torch.empty(R * cols, dtype=torch.float32, device=query.device)
     return _RingState(directions, buffers, plan, kept_floats, s_buf)
 
 
-def _block_chunks(B: int, cols: int, spec: LossSpec) -> Iterator[tuple[int, int]]:
-    R = min(B, _schedule.chunk_rows(spec, cols))
+def _block_chunks(B: int, cols: int, spec: LossSpec, device) -> Iterator[tuple[int, int]]:
+    R = min(B, _schedule.chunk_rows(spec, cols, device))
     for r0 in range(0, B, R):
         yield r0, min(B, r0 + R)
 
@@ -159,7 +159,7 @@ def _ring_chunks(state: _RingState, layout: Layout, step: int, params, target_id
         params.cols = cols
         params.ld_s = cols
         params.col_ids = col_ids.data_ptr() if col_ids is not None else 0
-        for r0, r1 in _block_chunks(B, cols, spec):
+        for r0, r1 in _block_chunks(B, cols, spec, c_XD.device):
             params.rows = r1 - r0
             # The positive of local row i is column i of this rank's own block; elsewhere
             # pos_offset = -(rows) puts every row's positive before column 0, i.e. absent.
