@@ -14,3 +14,7 @@ else
   ruff check .
   clang-format --dry-run --Werror "${cxx[@]}"
 fi
+# Shell scripts: shellcheck where it is installed (apt-get install shellcheck).
+if command -v shellcheck >/dev/null; then
+  shellcheck tools/*.sh
+fi
