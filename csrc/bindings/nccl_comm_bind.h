@@ -26,11 +26,13 @@ inline void bind_nccl(pybind11::module_& m) {
       "nccl_unique_id", [] { return py::bytes(nccl_unique_id()); },
       "A fresh ncclUniqueId (raw bytes) for NcclComm");
   py::class_<NcclComm>(m, "NcclComm")
-      .def(py::init([](py::bytes uid, int nranks, int rank, int device) {
-             return new NcclComm(std::string(uid), nranks, rank, device);
+      .def(py::init([](py::bytes uid, int nranks, int rank, int device, double timeout) {
+             std::string id(uid);
+             py::gil_scoped_release release;  // init waits (at most `timeout`) for every rank
+             return new NcclComm(id, nranks, rank, device, timeout);
            }),
            py::arg("unique_id"), py::arg("nranks"), py::arg("rank"), py::arg("device"),
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("timeout") = 300.0)
       .def(
           "exchange",
           [](NcclComm& c, const std::vector<std::tuple<uintptr_t, size_t>>& sends, int dst,
@@ -43,6 +45,13 @@ inline void bind_nccl(pybind11::module_& m) {
           py::arg("sends"), py::arg("dst"), py::arg("recvs"), py::arg("src"), py::arg("stream"))
       .def("wait", &NcclComm::wait, py::arg("slot"), py::arg("stream"),
            py::call_guard<py::gil_scoped_release>())
+      .def("destroy", &NcclComm::destroy, py::call_guard<py::gil_scoped_release>(),
+           "Waits (at most timeout s) for queued transfers, then ncclCommDestroy; aborts instead "
+           "when NCCL reported an error or the transfers do not finish")
+      .def("abort", &NcclComm::abort, py::call_guard<py::gil_scoped_release>(),
+           "ncclCommAbort without waiting: for a group whose peer is gone")
+      .def_property_readonly("alive", &NcclComm::alive)
+      .def_property_readonly("timeout", &NcclComm::timeout)
       .def_property_readonly("rank", &NcclComm::rank)
       .def_property_readonly("size", &NcclComm::size)
       .def_property_readonly("device", &NcclComm::device);

@@ -4,23 +4,25 @@
 // chunk by chunk (or column block by block) and dS overwrites S in place. Per row: one coalesced
 // read of S for the statistics, one read + write for dS; time O(rows * cols), O(1) extra memory.
 //
-// Kernel math only; the launch configuration and the runtime-flag dispatch live in
-// hardneg_loss.cu. Scalar formulas come from hardneg_loss_math.h, shared with the CPU kernels.
+// Kernel math only: the entry points are in hardneg_loss_kernels.cu, the launch configuration and
+// the runtime-flag dispatch in hardneg_loss.cpp. Scalar formulas come from hardneg_loss_math.h,
+// shared with the CPU kernels. Host-compilable: tests/cuda_emu builds it with a shim header in
+// place of cuda_runtime.h (a CPU thread per CUDA thread), so CI runs every kernel's logic.
 #pragma once
 
+#if defined(__CUDACC__)
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 
 #include "hardneg/hardneg_loss.h"
 #include "hardneg/hardneg_loss_math.h"
+#include "hardneg_loss_kernels.h"
 
 namespace hardneg {
 namespace cuda {
 
-// Threads per block for every kernel; a block holds kBlockThreads / kRowThreads rows.
-constexpr int kBlockThreads = 256;
-constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // The row this thread works on and its rank inside the row's thread group.
@@ -136,7 +138,7 @@ __device__ __forceinline__ float row_grad_factor(const HardnegLossParams& p, int
 // Row schedule: every row holds all its candidates, positive included. Writes lse, z_pos, s_pos,
 // loss and, when p.need_grad, dS in place.
 template <LossMode kMode, bool kMask, int kRowThreads>
-__global__ void __launch_bounds__(kBlockThreads) hardneg_loss_rows_kernel(HardnegLossParams p) {
+__device__ __forceinline__ void hardneg_loss_rows(HardnegLossParams p) {
   const RowSlot<kRowThreads> slot;
   if (slot.row >= p.rows) return;  // a whole warp at once: rows never split across a return
   const int64_t i = slot.row;
@@ -162,8 +164,7 @@ __global__ void __launch_bounds__(kBlockThreads) hardneg_loss_rows_kernel(Hardne
 // Column-block schedule, forward: merges the block's (max, sum) into run_max / run_sum of each
 // row; rows whose positive lies in the block also record z_pos and s_pos.
 template <LossMode kMode, bool kMask, int kRowThreads>
-__global__ void __launch_bounds__(kBlockThreads)
-    hardneg_loss_block_update_kernel(HardnegLossParams p) {
+__device__ __forceinline__ void hardneg_loss_block_update(HardnegLossParams p) {
   const RowSlot<kRowThreads> slot;
   if (slot.row >= p.rows) return;
   const int64_t i = slot.row;
@@ -192,8 +193,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // Column-block schedule, backward: dS of the block in place from the final lse and s_pos.
 template <LossMode kMode, bool kMask, int kRowThreads>
-__global__ void __launch_bounds__(kBlockThreads)
-    hardneg_loss_block_grad_kernel(HardnegLossParams p) {
+__device__ __forceinline__ void hardneg_loss_block_grad(HardnegLossParams p) {
   const RowSlot<kRowThreads> slot;
   if (slot.row >= p.rows) return;
   const int64_t i = slot.row;

@@ -1,4 +1,4 @@
-// CUDA entry points of the fused hard-negative loss (csrc/cuda/hardneg_loss.cu): the same
+// CUDA entry points of the fused hard-negative loss (csrc/cuda/hardneg_loss.cpp): the same
 // semantics as the CPU ones in csrc/cpu/hardneg_loss.h. Each launches asynchronously on
 // (cudaStream_t)p.stream, on the device that holds p.s, and never synchronises the host. All
 // pointers in p are device pointers on that device.

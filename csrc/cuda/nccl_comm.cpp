@@ -1,15 +1,16 @@
-// hardneg's NCCL communicator: dlopen of libnccl.so.2, the RAII comm (ncclComm_t + comm stream +
-// events) and the grouped send/recv of the ring. Host code only; every CUDA call goes through
-// HARDNEG_CUDA_CHECK and every NCCL call through HARDNEG_NCCL_CHECK (one check-macro family).
+// hardneg's NCCL communicator: the RAII comm (non-blocking ncclComm_t + comm stream + events), the
+// grouped send/recv of the ring, bounded waits on NCCL. Host code only; every driver call goes
+// through HARDNEG_CU_CHECK and every NCCL call through HARDNEG_NCCL_CHECK (one check-macro family).
 #include "nccl_comm.h"
 
-#include <dlfcn.h>
-
+#include <chrono>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
-#include "cuda_check.h"
+#include "cuda_driver.h"
 
 namespace hardneg {
 
@@ -21,75 +22,59 @@ namespace hardneg {
 
 }  // namespace hardneg
 
-// Wraps an NCCL call returning ncclResult_t (the NCCL member of HARDNEG_CUDA_CHECK's family).
-#define HARDNEG_NCCL_CHECK(call)                                     \
-  do {                                                               \
-    const ncclResult_t hardneg_err_ = (call);                        \
-    if (hardneg_err_ != ncclSuccess) {                               \
-      ::hardneg::nccl_fail(hardneg_err_, #call, __FILE__, __LINE__); \
-    }                                                                \
+// Wraps an NCCL call returning ncclResult_t (the NCCL member of HARDNEG_CU_CHECK's family). On a
+// non-blocking comm, ncclInProgress means "enqueued, still running": not a failure.
+#define HARDNEG_NCCL_CHECK(call)                                         \
+  do {                                                                   \
+    const ncclResult_t hardneg_err_ = (call);                            \
+    if (hardneg_err_ != ncclSuccess && hardneg_err_ != ncclInProgress) { \
+      ::hardneg::nccl_fail(hardneg_err_, #call, __FILE__, __LINE__);     \
+    }                                                                    \
   } while (0)
 
 namespace hardneg {
 namespace {
 
-template <class Fn>
-void resolve(void* lib, const char* name, Fn& fn) {
-  void* sym = dlsym(lib, name);
-  if (sym == nullptr) {
-    throw std::runtime_error(std::string("hardneg: libnccl.so.2 has no symbol ") + name +
-                             " (NCCL too old?)");
-  }
-  fn = reinterpret_cast<Fn>(sym);
-}
+using Clock = std::chrono::steady_clock;
 
-NcclApi load_nccl() {
-  // By soname: if torch (or anything) already loaded libnccl.so.2, the dynamic loader hands back
-  // that copy instead of opening a second one.
-  void* lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_GLOBAL);
-  if (lib == nullptr) {
-    const char* err = dlerror();
-    throw std::runtime_error(
-        std::string("hardneg: cannot load libnccl.so.2 (install nvidia-nccl-cu12/-cu13 or put "
-                    "NCCL on LD_LIBRARY_PATH): ") +
-        (err ? err : "unknown error"));
-  }
-  NcclApi api{};
-  resolve(lib, "ncclGetVersion", api.get_version);
-  resolve(lib, "ncclGetUniqueId", api.get_unique_id);
-  resolve(lib, "ncclCommInitRank", api.comm_init_rank);
-  resolve(lib, "ncclCommDestroy", api.comm_destroy);
-  resolve(lib, "ncclCommAbort", api.comm_abort);
-  resolve(lib, "ncclCommGetAsyncError", api.comm_get_async_error);
-  resolve(lib, "ncclGroupStart", api.group_start);
-  resolve(lib, "ncclGroupEnd", api.group_end);
-  resolve(lib, "ncclSend", api.send);
-  resolve(lib, "ncclRecv", api.recv);
-  resolve(lib, "ncclGetErrorString", api.get_error_string);
-  return api;  // the library stays loaded for the life of the process
-}
-
-// Makes `device` current for the scope and restores the caller's device after.
-class DeviceGuard {
+// ncclGroupStart ... ncclGroupEnd as a scope: NCCL's group state is per host thread and shared with
+// every other NCCL user of the process (torch's process groups load the same libnccl), so a group
+// left open by a failed ncclSend would hang the thread's next NCCL call. end() closes it on the
+// normal path; the destructor closes it when an exception leaves the scope.
+class NcclGroup {
  public:
-  explicit DeviceGuard(int device) {
-    HARDNEG_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) HARDNEG_CUDA_CHECK(cudaSetDevice(device));
+  explicit NcclGroup(const NcclApi& nccl) : nccl_(nccl) { HARDNEG_NCCL_CHECK(nccl_.group_start()); }
+  ncclResult_t end() {
+    open_ = false;
+    return nccl_.group_end();
   }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
+  ~NcclGroup() {
+    if (open_) nccl_.group_end();
+  }
+  NcclGroup(const NcclGroup&) = delete;
+  NcclGroup& operator=(const NcclGroup&) = delete;
 
  private:
-  int previous_ = 0;
+  const NcclApi& nccl_;
+  bool open_ = true;
 };
 
-}  // namespace
-
-const NcclApi& nccl_api() {
-  static const NcclApi api = load_nccl();  // thread-safe one-time init
-  return api;
+// Sleeps between polls: a few microseconds first (an exchange's group usually completes at once),
+// then up to a millisecond (init takes seconds).
+void backoff(int iteration) {
+  if (iteration < 64) {
+    std::this_thread::yield();
+  } else {
+    std::this_thread::sleep_for(std::chrono::microseconds(iteration < 1024 ? 50 : 1000));
+  }
 }
+
+Clock::time_point deadline_after(double seconds) {
+  return Clock::now() +
+         std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+}
+
+}  // namespace
 
 int nccl_version() {
   int version = 0;
@@ -103,8 +88,8 @@ std::string nccl_unique_id() {
   return std::string(id.internal, sizeof(id.internal));
 }
 
-NcclComm::NcclComm(const std::string& unique_id, int nranks, int rank, int device)
-    : nranks_(nranks), rank_(rank), device_(device) {
+NcclComm::NcclComm(const std::string& unique_id, int nranks, int rank, int device, double timeout_s)
+    : nranks_(nranks), rank_(rank), device_(device), timeout_s_(timeout_s) {
   if (unique_id.size() != sizeof(ncclUniqueId::internal)) {
     throw std::invalid_argument("unique_id must be " +
                                 std::to_string(sizeof(ncclUniqueId::internal)) + " bytes, got " +
@@ -114,59 +99,142 @@ NcclComm::NcclComm(const std::string& unique_id, int nranks, int rank, int devic
     throw std::invalid_argument("rank " + std::to_string(rank) +
                                 " is not in [0, nranks = " + std::to_string(nranks) + ")");
   }
+  if (!(timeout_s > 0.0) || !std::isfinite(timeout_s)) {
+    throw std::invalid_argument("timeout must be a positive number of seconds, got " +
+                                std::to_string(timeout_s));
+  }
   ncclUniqueId id;
   std::memcpy(id.internal, unique_id.data(), sizeof(id.internal));
-  DeviceGuard guard(device_);
-  // Non-blocking: the comm stream must never serialise with the legacy default stream.
-  HARDNEG_CUDA_CHECK(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
-  HARDNEG_CUDA_CHECK(cudaEventCreateWithFlags(&block_ready_, cudaEventDisableTiming));
-  for (auto& e : transfer_done_) {
-    HARDNEG_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  const ContextGuard guard(device_);  // NCCL binds the comm to the current device
+  const CudaDriver& cu = cuda_driver();
+  try {
+    // Non-blocking: the comm stream must never serialise with the legacy default stream.
+    HARDNEG_CU_CHECK(cu.stream_create(&comm_stream_, CU_STREAM_NON_BLOCKING));
+    HARDNEG_CU_CHECK(cu.event_create(&block_ready_, CU_EVENT_DISABLE_TIMING));
+    for (auto& e : transfer_done_) HARDNEG_CU_CHECK(cu.event_create(&e, CU_EVENT_DISABLE_TIMING));
+    // blocking = 0: init returns at once and is polled below, so a rank that never joins costs
+    // timeout_s and a clear error instead of a hang.
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    const ncclResult_t started =
+        nccl_api().comm_init_rank_config(&comm_, nranks_, id, rank_, &config);
+    await(started, "ncclCommInitRankConfig (every rank of the group must create the comm)");
+  } catch (...) {
+    release_cuda();  // await() has aborted the comm itself
+    throw;
   }
-  HARDNEG_NCCL_CHECK(nccl_api().comm_init_rank(&comm_, nranks_, id, rank_));
 }
 
 NcclComm::~NcclComm() {
-  // No throwing from a destructor: errors at teardown are ignored after a best effort.
-  cudaSetDevice(device_);
-  if (comm_ != nullptr) {
-    ncclResult_t async_err = ncclSuccess;
-    nccl_api().comm_get_async_error(comm_, &async_err);
-    if (async_err != ncclSuccess) {
-      nccl_api().comm_abort(comm_);
-    } else {
-      cudaStreamSynchronize(comm_stream_);
-      nccl_api().comm_destroy(comm_);
+  // Never throws and never waits: at interpreter exit the peers may be gone. A comm with an error
+  // or with transfers still queued is aborted; an idle healthy one is destroyed.
+  if (comm_ == nullptr) return;
+  try {
+    const ContextGuard guard(device_);  // restores the caller's device on exit
+    const NcclApi& nccl = nccl_api();
+    ncclResult_t state = ncclSuccess;
+    nccl.comm_get_async_error(comm_, &state);
+    bool idle = state == ncclSuccess;
+    if (idle && cuda_driver().event_record(block_ready_, comm_stream_) == CUDA_SUCCESS) {
+      idle = cuda_driver().event_query(block_ready_) == CUDA_SUCCESS;
     }
+    idle ? nccl.comm_destroy(comm_) : nccl.comm_abort(comm_);
+    comm_ = nullptr;
+    release_cuda();
+  } catch (...) {
+    comm_ = nullptr;  // the driver or NCCL could not even be reached: nothing more to free
   }
+}
+
+void NcclComm::release_cuda() {
+  if (comm_stream_ == nullptr && block_ready_ == nullptr) return;
+  const CudaDriver& cu = cuda_driver();
   for (auto& e : transfer_done_) {
-    if (e != nullptr) cudaEventDestroy(e);
+    if (e != nullptr) cu.event_destroy(e);
+    e = nullptr;
   }
-  if (block_ready_ != nullptr) cudaEventDestroy(block_ready_);
-  if (comm_stream_ != nullptr) cudaStreamDestroy(comm_stream_);
+  if (block_ready_ != nullptr) cu.event_destroy(block_ready_);
+  if (comm_stream_ != nullptr) cu.stream_destroy(comm_stream_);
+  block_ready_ = nullptr;
+  comm_stream_ = nullptr;
+}
+
+void NcclComm::check_alive(const char* what) const {
+  if (comm_ == nullptr) {
+    throw std::runtime_error(std::string("hardneg NCCL error: ") + what +
+                             " on a communicator that was destroyed or aborted");
+  }
+}
+
+void NcclComm::await(ncclResult_t started, const char* what) {
+  const NcclApi& nccl = nccl_api();
+  ncclResult_t state = started;
+  if (state == ncclSuccess && comm_ != nullptr) nccl.comm_get_async_error(comm_, &state);
+  const auto deadline = deadline_after(timeout_s_);
+  for (int i = 0; state == ncclInProgress; ++i) {
+    if (Clock::now() > deadline) {
+      if (comm_ != nullptr) nccl.comm_abort(comm_);
+      comm_ = nullptr;
+      throw std::runtime_error(std::string("hardneg NCCL error: ") + what +
+                               " did not complete within " + std::to_string(timeout_s_) +
+                               " s on rank " + std::to_string(rank_) + " of " +
+                               std::to_string(nranks_) + "; the communicator was aborted");
+    }
+    backoff(i);
+    nccl.comm_get_async_error(comm_, &state);
+  }
+  if (state != ncclSuccess) {
+    if (comm_ != nullptr) nccl.comm_abort(comm_);
+    comm_ = nullptr;
+    throw std::runtime_error(std::string("hardneg NCCL error: ") + what + " failed with " +
+                             nccl.get_error_string(state) + " (" + std::to_string(state) +
+                             ") on rank " + std::to_string(rank_) + " of " +
+                             std::to_string(nranks_) + "; the communicator was aborted");
+  }
 }
 
 int NcclComm::exchange(const std::vector<NcclBuffer>& sends, int dst,
                        const std::vector<NcclBuffer>& recvs, int src, uintptr_t compute_stream) {
-  auto compute = reinterpret_cast<cudaStream_t>(compute_stream);
-  DeviceGuard guard(device_);
+  check_alive("exchange");
+  if (dst < 0 || dst >= nranks_ || src < 0 || src >= nranks_) {
+    throw std::invalid_argument("peers must be ranks in [0, " + std::to_string(nranks_) +
+                                "), got dst " + std::to_string(dst) + " and src " +
+                                std::to_string(src));
+  }
+  const CudaDriver& cu = cuda_driver();
+  const NcclApi& nccl = nccl_api();
+  auto compute = reinterpret_cast<CUstream>(compute_stream);
+  const ContextGuard guard(device_);
   const int slot = next_slot_;
   next_slot_ = (next_slot_ + 1) % kSlots;
   // The buffers to send were written on the compute stream: the comm stream starts after them.
-  HARDNEG_CUDA_CHECK(cudaEventRecord(block_ready_, compute));
-  HARDNEG_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, block_ready_, 0));
-  const NcclApi& nccl = nccl_api();
-  HARDNEG_NCCL_CHECK(nccl.group_start());
-  for (const auto& b : sends) {
-    HARDNEG_NCCL_CHECK(nccl.send(reinterpret_cast<const void*>(b.ptr), b.bytes, ncclUint8, dst,
-                                 comm_, comm_stream_));
+  HARDNEG_CU_CHECK(cu.event_record(block_ready_, compute));
+  HARDNEG_CU_CHECK(cu.stream_wait_event(comm_stream_, block_ready_, 0));
+  const auto posted = [](ncclResult_t r) { return r == ncclSuccess || r == ncclInProgress; };
+  ncclResult_t result = ncclSuccess;
+  const char* call = "ncclGroupEnd (the ring's exchange)";
+  {
+    // On any early exit (a failed post, an exception) NcclGroup's destructor closes the group.
+    NcclGroup group(nccl);
+    for (size_t k = 0; k < sends.size() && posted(result); ++k) {
+      result = nccl.send(reinterpret_cast<const void*>(sends[k].ptr), sends[k].bytes, ncclUint8,
+                         dst, comm_, comm_stream_);
+      if (!posted(result)) call = "ncclSend (the ring's exchange)";
+    }
+    for (size_t k = 0; k < recvs.size() && posted(result); ++k) {
+      result = nccl.recv(reinterpret_cast<void*>(recvs[k].ptr), recvs[k].bytes, ncclUint8, src,
+                         comm_, comm_stream_);
+      if (!posted(result)) call = "ncclRecv (the ring's exchange)";
+    }
+    if (posted(result)) result = group.end();
   }
-  for (const auto& b : recvs) {
-    HARDNEG_NCCL_CHECK(
-        nccl.recv(reinterpret_cast<void*>(b.ptr), b.bytes, ncclUint8, src, comm_, comm_stream_));
+  if (!posted(result)) {
+    // A bad argument leaves the comm usable; anything else means it is broken: abort, not reuse.
+    if (result != ncclInvalidArgument && result != ncclInvalidUsage) abort();
+    nccl_fail(result, call, __FILE__, __LINE__);
   }
-  HARDNEG_NCCL_CHECK(nccl.group_end());
-  HARDNEG_CUDA_CHECK(cudaEventRecord(transfer_done_[slot], comm_stream_));
+  await(result, "ncclGroupEnd (the ring's exchange)");
+  HARDNEG_CU_CHECK(cu.event_record(transfer_done_[slot], comm_stream_));
   return slot;
 }
 
@@ -175,9 +243,49 @@ void NcclComm::wait(int slot, uintptr_t compute_stream) {
     throw std::invalid_argument("slot must be in [0, " + std::to_string(kSlots) + "), got " +
                                 std::to_string(slot));
   }
-  DeviceGuard guard(device_);
-  HARDNEG_CUDA_CHECK(
-      cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(compute_stream), transfer_done_[slot], 0));
+  check_alive("wait");
+  await(ncclSuccess, "the ring's exchange (asynchronous NCCL error)");
+  const ContextGuard guard(device_);
+  HARDNEG_CU_CHECK(cuda_driver().stream_wait_event(reinterpret_cast<CUstream>(compute_stream),
+                                                   transfer_done_[slot], 0));
+}
+
+void NcclComm::destroy() {
+  if (comm_ == nullptr) return;
+  const CudaDriver& cu = cuda_driver();
+  const NcclApi& nccl = nccl_api();
+  const ContextGuard guard(device_);
+  // Wait for the comm stream (every queued transfer), at most timeout_s, watching NCCL's errors.
+  HARDNEG_CU_CHECK(cu.event_record(block_ready_, comm_stream_));
+  const auto deadline = deadline_after(timeout_s_);
+  for (int i = 0;; ++i) {
+    const CUresult done = cu.event_query(block_ready_);
+    if (done == CUDA_SUCCESS) break;
+    ncclResult_t state = ncclSuccess;
+    nccl.comm_get_async_error(comm_, &state);
+    if (done != CUDA_ERROR_NOT_READY || (state != ncclSuccess && state != ncclInProgress) ||
+        Clock::now() > deadline) {
+      abort();
+      throw std::runtime_error(
+          "hardneg NCCL error: destroy: the comm stream did not drain within " +
+          std::to_string(timeout_s_) + " s (NCCL state " + std::to_string(state) +
+          ", event query " + std::to_string(static_cast<int>(done)) +
+          "); the communicator was aborted instead");
+    }
+    backoff(i);
+  }
+  nccl.comm_destroy(comm_);
+  comm_ = nullptr;
+  release_cuda();
+}
+
+void NcclComm::abort() {
+  if (comm_ != nullptr) {
+    const ContextGuard guard(device_);
+    nccl_api().comm_abort(comm_);
+    comm_ = nullptr;
+  }
+  release_cuda();
 }
 
 }  // namespace hardneg

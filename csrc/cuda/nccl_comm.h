@@ -1,15 +1,16 @@
 // hardneg's NCCL communicator for the ring (design section 3): point-to-point exchanges of the
 // ring's blocks on a dedicated comm stream, ordered against the caller's compute stream by CUDA
 // events, so a transfer runs while the compute stream does the similarity GEMM. Nothing here
-// blocks the host or touches the default stream.
+// blocks the host on the GPU or touches the default stream.
 //
 // NCCL itself is resolved at run time: libnccl.so.2 is opened by its soname, so the copy torch
 // already loaded (from the nvidia-nccl wheel or the system) is the one used; hardneg never links
 // or vendors NCCL, and `import hardneg` works on machines without it. nccl.h is needed only to
-// compile (types and signatures).
+// compile (types and signatures). CUDA streams and events go through the driver API table
+// (cuda_driver.h), like the rest of the CUDA module.
 #pragma once
 
-#include <cuda_runtime.h>
+#include <cuda.h>
 #include <nccl.h>
 
 #include <array>
@@ -24,7 +25,7 @@ namespace hardneg {
 struct NcclApi {
   decltype(&ncclGetVersion) get_version;
   decltype(&ncclGetUniqueId) get_unique_id;
-  decltype(&ncclCommInitRank) comm_init_rank;
+  decltype(&ncclCommInitRankConfig) comm_init_rank_config;
   decltype(&ncclCommDestroy) comm_destroy;
   decltype(&ncclCommAbort) comm_abort;
   decltype(&ncclCommGetAsyncError) comm_get_async_error;
@@ -47,16 +48,23 @@ struct NcclBuffer {
   size_t bytes;
 };
 
-// One ncclComm_t with its comm stream and events. Lifetime: created collectively by every rank
-// of the group (ncclCommInitRank blocks until all have joined), used from one host thread, and
-// destroyed when the Python object is freed (ncclCommDestroy after the comm stream drained; abort
-// instead when NCCL reported an asynchronous error, so a broken peer cannot hang the exit).
+// One non-blocking ncclComm_t with its comm stream and events.
+//
+// Lifetime: created collectively by every rank of the group (init waits for all of them, at most
+// timeout_s, then aborts with a clear error), used from one host thread, and ended by destroy()
+// (waits, at most timeout_s, for the comm stream, then ncclCommDestroy) or abort() (ncclCommAbort,
+// no waiting: for a peer that is gone). Every NCCL call is followed by polling
+// ncclCommGetAsyncError until the operation is enqueued, a failure, or the deadline, so a dead peer
+// surfaces as an error naming the call instead of a silent hang; after any such failure the comm
+// is aborted. The destructor of a comm never ended explicitly aborts it when NCCL reported an
+// error and destroys it otherwise, without synchronising (it may run at interpreter exit, when the
+// peers are gone), and restores the caller's current device.
 class NcclComm {
  public:
   // Exchanges that may be in flight at once before a handle's event is recycled.
   static constexpr int kSlots = 4;
 
-  NcclComm(const std::string& unique_id, int nranks, int rank, int device);
+  NcclComm(const std::string& unique_id, int nranks, int rank, int device, double timeout_s);
   ~NcclComm();
   NcclComm(const NcclComm&) = delete;
   NcclComm& operator=(const NcclComm&) = delete;
@@ -68,18 +76,30 @@ class NcclComm {
                int src, uintptr_t compute_stream);
   void wait(int slot, uintptr_t compute_stream);
 
+  void destroy();
+  void abort();
+
   int rank() const { return rank_; }
   int size() const { return nranks_; }
   int device() const { return device_; }
+  double timeout() const { return timeout_s_; }
+  bool alive() const { return comm_ != nullptr; }
 
  private:
+  void check_alive(const char* what) const;
+  // Polls ncclCommGetAsyncError while it says ncclInProgress, up to the deadline; on an error or
+  // the deadline, aborts the comm and throws naming `what`.
+  void await(ncclResult_t started, const char* what);
+  void release_cuda();  // events and stream; best effort, never throws
+
   ncclComm_t comm_ = nullptr;
   int nranks_;
   int rank_;
   int device_;
-  cudaStream_t comm_stream_ = nullptr;
-  cudaEvent_t block_ready_ = nullptr;  // compute stream -> comm stream: buffers are written
-  std::array<cudaEvent_t, kSlots> transfer_done_{};  // comm stream -> compute stream
+  double timeout_s_;
+  CUstream comm_stream_ = nullptr;
+  CUevent block_ready_ = nullptr;                // compute stream -> comm stream: buffers written
+  std::array<CUevent, kSlots> transfer_done_{};  // comm stream -> compute stream
   int next_slot_ = 0;
 };
 

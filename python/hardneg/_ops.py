@@ -41,13 +41,26 @@ def new_params(device: torch.device) -> object:
 
 
 def build_info() -> dict:
-    """What this install was compiled with: {"cpu", "cuda", "nccl", "version", ...}."""
+    """What this install was compiled with: {"cpu", "cuda", "nccl", "version", ...}.
+
+    For the CUDA module: "cuda_runtime" is None (it links no CUDA runtime: the driver API is
+    resolved from libcuda.so.1 at run time); "cuda_driver_min" is the oldest driver, as the CUDA
+    version it supports ("11.8"), that runs the kernels (by JIT of the embedded PTX);
+    "cuda_driver_min_sass" the oldest that loads the prebuilt cubins without JIT ("12.0" when they
+    come from a CUDA 12 ptxas); "cuda_ptx_isa" the PTX ISA per architecture ("80:7.0,90:7.8").
+    """
+    cuda = bool(_build_config.CUDA)
     return {
         "version": _build_config.VERSION,
         "cpu": True,
-        "cuda": bool(_build_config.CUDA),
+        "cuda": cuda,
         "nccl": bool(_build_config.NCCL),
-        "cuda_architectures": _build_config.CUDA_ARCHITECTURES if _build_config.CUDA else "",
-        "cuda_compiler": _build_config.CUDA_COMPILER_VERSION if _build_config.CUDA else "",
+        "cuda_architectures": _build_config.CUDA_ARCHITECTURES if cuda else "",
+        "cuda_compiler": _build_config.CUDA_COMPILER_VERSION if cuda else "",
+        "cuda_runtime": None,
+        "cuda_driver_min": _build_config.CUDA_DRIVER_MIN if cuda else "",
+        "cuda_driver_min_sass": _build_config.CUDA_DRIVER_MIN_SASS if cuda else "",
+        "cuda_ptx_isa": _build_config.CUDA_PTX_ISA if cuda else "",
+        "cuda_cubin_ptxas": _build_config.CUDA_CUBIN_PTXAS if cuda else "",
         "cxx_compiler": _build_config.CXX_COMPILER,
     }

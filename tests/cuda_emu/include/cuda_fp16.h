@@ -1,0 +1,2 @@
+// nccl.h includes it; the host emulation needs nothing from it.
+#pragma once

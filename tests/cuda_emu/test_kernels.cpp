@@ -1,0 +1,208 @@
+// The CUDA loss kernels of csrc/cuda, compiled for the host (cuda_emu.h) and launched through the
+// real dispatch (hardneg_loss.cpp, kernel_image.cpp) on the emulated driver, against an fp64
+// reference of the loss (design section 1) on awkward shapes: one row, 1 / 31 / 32 / 33 / 1024 /
+// 1025 / 3000 columns, a row stride wider than the row, rows with every negative masked, every
+// mode, with and without masking, the row schedule and the ring's column-block schedule (blocks
+// merged in a rotated order). Every one of the 36 kernel instances must have run.
+//
+// Tolerance: fp32 against fp64. Logits reach 1/tau + alpha = 59, where one fp32 ulp is 3.8e-6, so
+// lse, loss and z_pos may differ by a few ulp of 59: 6e-5 absolute (16 ulp). dS_ij = P_ij * amp /
+// tau: its error follows from P's relative error (a few ulp of the logit): 1e-4 of the row's
+// largest |dS| (at tau = 0.02 P's relative error is ~60 ulp of fp32 = 4e-6, x 25 headroom). A 0.1 %
+// change of tau moves the loss by ~1e-3 and fails both: the perturbation check below.
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "emu_driver.h"
+#include "emu_reference.h"
+#include "hardneg_loss.h"
+#include "hardneg_loss_kernels.h"
+#include "kernel_image.h"
+
+namespace {
+
+int g_passed = 0, g_failed = 0;
+
+void check(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAIL %s\n", what.c_str());
+  }
+}
+
+using ref::Case;
+using ref::Result;
+
+// Row schedule through hardneg_loss_rows_cuda; S is overwritten with dS.
+Result run_rows(const Case& c) {
+  std::vector<float> s = c.s;
+  Result out(c.rows, c.cols);
+  hardneg::HardnegLossParams p = ref::params_for(c);
+  p.s = s.data();
+  p.lse = out.lse.data();
+  p.loss = out.loss.data();
+  p.z_pos = out.z_pos.data();
+  p.s_pos = out.s_pos.data();
+  p.need_grad = true;
+  emu::register_device_memory(s.data(), s.size() * sizeof(float), 0);
+  hardneg::hardneg_loss_rows_cuda(p);
+  emu::clear_device_memory();
+  out.take_grad(s, c);
+  return out;
+}
+
+// Column-block schedule: update over the blocks in a rotated order (as the ring visits them), lse
+// from the running (max, sum), then grad block by block.
+Result run_blocks(const Case& c, const std::vector<int64_t>& widths) {
+  std::vector<float> s = c.s;
+  Result out(c.rows, c.cols);
+  std::vector<float> run_max(c.rows, -INFINITY), run_sum(c.rows, 0.0f);
+  std::vector<int64_t> starts;
+  int64_t start = 0;
+  for (int64_t w : widths) {
+    starts.push_back(start);
+    start += w;
+  }
+  const size_t nb = widths.size();
+  emu::register_device_memory(s.data(), s.size() * sizeof(float), 0);
+  for (int pass = 0; pass < 2; ++pass) {
+    for (size_t k = 0; k < nb; ++k) {
+      const size_t b = (k + 1) % nb;  // rotated: the ring starts at its own block
+      hardneg::HardnegLossParams p = ref::params_for(c);
+      p.s = s.data() + starts[b];
+      p.cols = widths[b];
+      p.pos_offset = c.pos_offset - starts[b];
+      if (p.col_ids) p.col_ids = c.col_ids.data() + starts[b];
+      p.z_pos = out.z_pos.data();
+      p.s_pos = out.s_pos.data();
+      p.run_max = run_max.data();
+      p.run_sum = run_sum.data();
+      p.lse = out.lse.data();
+      if (pass == 0) {
+        hardneg::hardneg_loss_block_update_cuda(p);
+      } else {
+        hardneg::hardneg_loss_block_grad_cuda(p);
+      }
+    }
+    if (pass == 0) {
+      for (int64_t i = 0; i < c.rows; ++i) {
+        out.lse[i] = run_max[i] + std::log(run_sum[i]);
+        out.loss[i] = out.lse[i] - out.z_pos[i];
+      }
+    }
+  }
+  emu::clear_device_memory();
+  out.take_grad(s, c);
+  return out;
+}
+
+// True when `got` matches `want` within the tolerances of the file header; prints the errors.
+bool matches(const Case& c, const Result& got, const ref::Exact& want, const std::string& name) {
+  double stat_err = 0.0;
+  for (int64_t i = 0; i < c.rows; ++i) {
+    stat_err = std::fmax(stat_err, std::fabs(got.lse[i] - want.lse[i]));
+    stat_err = std::fmax(stat_err, std::fabs(got.loss[i] - want.loss[i]));
+    stat_err = std::fmax(stat_err, std::fabs(got.z_pos[i] - want.z_pos[i]));
+    stat_err = std::fmax(stat_err, std::fabs(got.s_pos[i] - want.s_pos[i]));
+  }
+  // dS = factor * (Pbar - Y) / tau, and P = exp(z - lse) carries the logits' absolute error
+  // (6e-5, above) as a relative one: |error| <= factor / tau * 6e-5 * max(P * amp, 1 at the
+  // positive), with the 6e-5 doubled for headroom.
+  double grad_ratio = 0.0;
+  int64_t worst = -1;
+  bool finite = true;
+  for (int64_t i = 0; i < c.rows; ++i) {
+    const double factor = static_cast<double>(c.grad_scale) * c.row_scale[i] * c.inv_tau;
+    for (int64_t j = 0; j < c.cols; ++j) {
+      const double g = got.grad[i * c.cols + j];
+      const double w = want.grad[i * c.cols + j];
+      finite = finite && std::isfinite(g);
+      const double size = j == c.pos_offset + i ? 1.0 : std::fmax(std::fabs(w) / factor, 1e-3);
+      const double ratio = std::fabs(g - w) / (1.2e-4 * factor * size);
+      if (ratio > grad_ratio) {
+        grad_ratio = ratio;
+        worst = i * c.cols + j;
+      }
+    }
+  }
+  const bool ok = finite && stat_err <= 6e-5 && grad_ratio <= 1.0;
+  if (!ok) {
+    std::printf(
+        "  %s: stat err %.2e (tol 6e-5), grad err / tol %.2f at %lld (got %.9g, want "
+        "%.9g), finite %d\n",
+        name.c_str(), stat_err, grad_ratio, static_cast<long long>(worst),
+        worst < 0 ? 0.0 : got.grad[worst], worst < 0 ? 0.0 : want.grad[worst], finite);
+  }
+  return ok;
+}
+
+void compare(const Case& c, const Result& got, const ref::Exact& want, const std::string& name) {
+  check(matches(c, got, want, name), name);
+}
+
+std::vector<int64_t> split3(int64_t cols) {
+  const int64_t a = cols / 3, b = (cols - a) / 2;
+  return {a, b, cols - a - b};  // may hold a 0-wide block: a no-op launch
+}
+
+void kernel_cases() {
+  const int64_t col_counts[] = {1, 31, 32, 33, 1024, 1025, 3000};
+  const char* modes[] = {"infonce", "llave", "ega"};
+  for (int mode = 0; mode < 3; ++mode) {
+    for (int masking = 0; masking < 3; ++masking) {  // none, partial, every negative masked
+      for (int64_t cols : col_counts) {
+        // One row everywhere; 9 rows (two blocks of warp rows, the second mostly idle) and 2
+        // wide rows where it matters; a row stride 7 wider than the row for half the cases.
+        const int64_t rows = cols == 33 ? 9 : (cols == 1025 ? 2 : 1);
+        const int64_t pad = (cols + mode) % 2 ? 7 : 0;
+        const Case c = ref::make_case(rows, cols, pad, mode, masking, 1000 * mode + cols);
+        const ref::Exact want = ref::exact(c);
+        char name[128];
+        std::snprintf(name, sizeof name, "%s masking=%d rows=%lld cols=%lld ld=%lld", modes[mode],
+                      masking, static_cast<long long>(rows), static_cast<long long>(cols),
+                      static_cast<long long>(c.ld));
+        compare(c, run_rows(c), want, std::string("rows ") + name);
+        compare(c, run_blocks(c, split3(cols)), want, std::string("blocks ") + name);
+        if (cols == 3000) {  // a narrow block and a wide one in one schedule
+          compare(c, run_blocks(c, {40, 1960, 1000}), want,
+                  std::string("blocks 40/1960/1000 ") + name);
+        }
+      }
+    }
+  }
+}
+
+// The comparison must be able to fail: tau moved by 0.1 % in the reference.
+void perturbation_is_caught() {
+  const Case c = ref::make_case(9, 33, 0, 1, 1, 7);
+  Case moved = c;
+  moved.inv_tau *= 1.001f;
+  const Result got = run_rows(c);
+  check(matches(c, got, ref::exact(c), "unperturbed"), "unperturbed reference matches");
+  check(!matches(c, got, ref::exact(moved), "perturbed reference (expected to differ)"),
+        "a 0.1% change of tau is caught by the comparison");
+}
+
+}  // namespace
+
+void dispatch_checks();  // test_dispatch.cpp
+
+int main() {
+  emu::reset();
+  kernel_cases();
+  perturbation_is_caught();
+  int instances = 0;
+  for (const auto& [name, n] : emu::counters().launches) instances += n > 0;
+  check(instances == hardneg::kNumLossKernelInstances,
+        "every kernel instance ran (" + std::to_string(instances) + " of " +
+            std::to_string(hardneg::kNumLossKernelInstances) + ")");
+  dispatch_checks();
+  std::printf("cuda_emu kernels: %d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}
+
+void report(bool ok, const std::string& what) { check(ok, what); }
