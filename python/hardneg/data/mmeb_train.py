@@ -10,7 +10,7 @@ neg_image_path (a string or a list). "" or null means "none"; a file lacking a r
 an error naming the subset, the file and the column. Image paths are relative to `image_root`, by
 default root/images or root (MMEB-train's paths, "images/<Subset>/Train/x.jpg", are relative to
 the snapshot root): the first image found settles which, once (images.ImageResolver), and a root
-under which the first image of a subset is missing is an error at construction.
+under which none of a subset's first images exists is an error at construction.
 
 A text carrying the "<|image_1|>" placeholder on an item without an image (MMEB-train's WebQA
 queries: "<|image_1|>\nFind a Wikipedia image..." with an empty qry_image_path) loses the
@@ -25,6 +25,7 @@ can mask false negatives (a duplicate of a query's positive, e.g. the VQA answer
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -56,6 +57,8 @@ IMAGE_ROOT_HINT = (
     "set image_root (data.image_root in a training config) to the folder the image paths are "
     "relative to: for MMEB-train, the snapshot root holding images/"
 )
+# Image paths tried per subset at construction before the image root is declared wrong.
+_IMAGE_ROOT_PROBES = 64
 # (text field, image field) of the items of a row.
 _ITEM_FIELDS = (("qry", "qry_image_path"), ("pos_text", "pos_image_path"))
 
@@ -268,7 +271,7 @@ class MMEBTrainDataset(Dataset):
             hint = "" if self.resolve.base else f"; images {self.resolve.not_found('...')}"
             raise ValueError(f"subset {subset!r} has no usable rows ({len(raw)} read){hint}")
         if self.on_missing_image == "error":
-            self._check_first_image(subset, rows)
+            self._check_image_root(subset, rows)
         return rows
 
     def _read_row(self, row: dict, subset: str, r: int) -> tuple[dict, int]:
@@ -289,16 +292,22 @@ class MMEBTrainDataset(Dataset):
                 kept["negatives"].append((text, image))
         return kept, stripped
 
-    def _check_first_image(self, subset: str, rows: list[dict]) -> None:
-        """The subset's first image must exist: a wrong image root fails here, not mid-epoch."""
-        for row in rows:
-            for field, path in _image_fields(row):
-                if self.resolve(path) is None:
-                    raise FileNotFoundError(
-                        f"subset {subset!r} row {row['_row']}: {field} {path!r} "
-                        f"{self.resolve.not_found(path)}"
-                    )
+    def _check_image_root(self, subset: str, rows: list[dict]) -> None:
+        """A wrong image root fails here, not mid-epoch: among the subset's first
+        _IMAGE_ROOT_PROBES image paths one must exist. (A single missing file is reported when
+        its row is read, by ImageLoadError.)"""
+        images = ((row["_row"], f, p) for row in rows for f, p in _image_fields(row))
+        tried = []
+        for r, field, path in itertools.islice(images, _IMAGE_ROOT_PROBES):
+            if self.resolve(path) is not None:
                 return
+            tried.append((r, field, path))
+        if tried:
+            r, field, path = tried[0]
+            raise FileNotFoundError(
+                f"subset {subset!r} row {r}: {field} {path!r} {self.resolve.not_found(path)} "
+                f"(nor any of the subset's first {len(tried)} images)"
+            )
 
     def _id_of(self, text: str | None, image_path: str | None) -> int:
         key = ((text or "").strip(), image_path or "")
