@@ -9,13 +9,15 @@ with its images unzipped next to it (unzip images.zip -d MMEB-eval/eval_images):
     torchrun --standalone --nproc_per_node 8 recipes/eval_mmeb.py --model CKPT \
         --data-root MMEB-eval --image-root MMEB-eval/eval_images --output out/mmeb.json
 
---model is an Embedder checkpoint directory (Embedder.save_pretrained), or "tiny[:SEED]" for the
-random tiny model (a smoke test and the speed benchmark of this script). Writes OUT.json
-(leaderboard-style), OUT.md (the table) and, with --similarity, OUT.similarity.json + .png
-(LLaVE Table 1 analysis). Embeddings are cached under --cache-dir (default: beside OUT), so a rerun
-or an interrupted run only embeds what is missing. Texts are embedded exactly as in the files
-(VLM2Vec's protocol) unless --instructions asks otherwise. Bad input (a missing model, dataset,
-column or image) ends the run with one line on stderr and exit status 2.
+--model is an Embedder checkpoint directory (Embedder.save_pretrained, or a downloaded llava-hf
+LLaVA-OneVision checkpoint), or "tiny[:SEED]" for the random tiny model (a smoke test and the speed
+benchmark of this script); --prompt-format llave embeds with LLaVE's exact prompt and pooling.
+Writes OUT.json (leaderboard-style), OUT.md (the table) and, with --similarity,
+OUT.similarity.json + .png (LLaVE Table 1 analysis). Embeddings are cached under --cache-dir
+(default: beside OUT), so a rerun or an interrupted run only embeds what is missing. Texts are
+embedded exactly as in the files (VLM2Vec's protocol) unless --instructions asks otherwise. Bad
+input (a missing model, dataset, column or image) ends the run with one line on stderr and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.distributed as dist
 from hardneg.data.images import ImageLoadError
 from hardneg.eval import evaluate_mmeb, markdown_table, write_similarity
 from hardneg.eval.mmeb import INSTRUCTION_POLICIES, MMEBFormatError
+from hardneg.models.inputs import PROMPT_FORMATS
 
 # Errors of the user's input: reported as one line, not a traceback per rank.
 USER_ERRORS = (FileNotFoundError, MMEBFormatError, ImageLoadError)
@@ -60,18 +63,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--instructions", default="none", choices=INSTRUCTION_POLICIES)
     p.add_argument("--max-queries", type=int, default=None, help="first N rows per dataset")
     p.add_argument("--similarity", action="store_true", help="write the similarity analysis")
+    # The checkpoint's own prompt format unless overridden: "llave" embeds with LLaVE's exact
+    # prompt and pooling, "hardneg" with the checkpoint's chat template (models/inputs.py).
+    p.add_argument("--prompt-format", default=None, choices=PROMPT_FORMATS)
     # bf16 halves memory and time on GPUs; the embedding is returned in fp32 either way.
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     return p.parse_args(argv)
 
 
-def load_embedder(spec: str, device: torch.device, dtype: str):
+def load_embedder(spec: str, device: torch.device, dtype: str, prompt_format: str | None = None):
     from hardneg.models import Embedder
 
+    override = {"prompt_format": prompt_format} if prompt_format else {}
     if spec == "tiny" or spec.startswith("tiny:"):
-        embedder = Embedder.tiny(seed=int(spec.partition(":")[2] or 0))
+        embedder = Embedder.tiny(seed=int(spec.partition(":")[2] or 0), **override)
     else:
-        embedder = Embedder.from_pretrained(spec)
+        embedder = Embedder.from_pretrained(spec, config=override)
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     return embedder.to(device=device, dtype=getattr(torch, dtype)).eval()
@@ -100,7 +107,7 @@ def evaluate(args: argparse.Namespace) -> None:
     cache_dir = None if args.no_cache else Path(args.cache_dir or output.parent / "cache")
 
     start = time.perf_counter()
-    embedder = load_embedder(args.model, device, args.dtype)
+    embedder = load_embedder(args.model, device, args.dtype, args.prompt_format)
     result = evaluate_mmeb(
         embedder,
         args.data_root,

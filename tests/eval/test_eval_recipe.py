@@ -151,3 +151,22 @@ def test_user_errors_are_one_line(real_layout, tmp_path, capsys, case, message):
     assert message.format(root=root) in err[0]
     if case == "no_images":
         assert "--image-root" in err[0]
+
+
+def test_prompt_format_flag(tmp_path):
+    import torch
+
+    recipe = _recipe()
+    cpu = torch.device("cpu")
+    assert recipe.load_embedder("tiny", cpu, "float32").config.prompt_format == "hardneg"
+    llave = recipe.load_embedder("tiny:1", cpu, "float32", "llave")
+    assert llave.config.prompt_format == "llave"
+    llave.save_pretrained(tmp_path / "ckpt")
+    saved = recipe.load_embedder(str(tmp_path / "ckpt"), cpu, "float32")
+    assert saved.config.prompt_format == "llave"  # the checkpoint's own format by default
+    switched = recipe.load_embedder(str(tmp_path / "ckpt"), cpu, "float32", "hardneg")
+    assert switched.config.prompt_format == "hardneg"
+    assert (
+        recipe.parse_args(["--model", "m", "--data-root", "r", "--output", "o"]).prompt_format
+        is None
+    )
