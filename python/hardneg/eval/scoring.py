@@ -107,7 +107,7 @@ def tie_warning(name: str, tied: float, p1: float, p1_tie_aware: float) -> str |
         f"dataset {name}: {tied:.0%} of rows have their top score tied between distinct "
         f"candidates (collapsed or saturated embeddings?). VLM2Vec's rule counts a tie as "
         f"correct: P@1 {p1:.1f} (VLM2Vec-compatible) vs {p1_tie_aware:.1f} with ties shared; "
-        "a model whose embeddings are all equal scores 100 on the first"
+        "by VLM2Vec's rule a model whose embeddings are all equal scores 100"
     )
 
 
