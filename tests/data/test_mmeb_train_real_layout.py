@@ -61,18 +61,18 @@ def test_splits_and_fields(mmeb_train):
 def test_webqa_placeholder_without_image_is_stripped_and_counted(mmeb_train, caplog):
     with caplog.at_level(logging.WARNING, logger="hardneg.data"):
         ds = MMEBTrainDataset(mmeb_train, subsets=["WebQA", "ImageNet_1K"])
+    webqa = _rows(ds, "WebQA")
+    # The collator builds the batch that used to raise "item 0 has an image placeholder".
+    batch = TrainCollator(Embedder.tiny())(webqa)
+    assert batch["query"]["input_ids"].shape[0] == 3 and "pixel_values" not in batch["query"]
+    assert batch["target"]["pixel_values"].shape[0] == 3
     assert ds.placeholders_stripped == {"WebQA": 3}
     assert "subset WebQA: image placeholder removed from 3 texts without an image" in caplog.text
-    webqa = _rows(ds, "WebQA")
     assert webqa[0]["query"] == {
         "text": "Find a Wikipedia image that answers this question: Where is this bridge?",
         "image": None,
     }
     assert webqa[0]["target"]["text"].startswith("<|image_1|>\nRepresent the given Wikipedia")
-    # The collator builds the batch that used to raise "item 0 has an image placeholder".
-    batch = TrainCollator(Embedder.tiny())(webqa)
-    assert batch["query"]["input_ids"].shape[0] == 3 and "pixel_values" not in batch["query"]
-    assert batch["target"]["pixel_values"].shape[0] == 3
 
 
 @pytest.mark.parametrize("column", ["qry", "qry_image_path", "pos_text", "pos_image_path"])

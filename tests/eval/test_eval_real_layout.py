@@ -148,6 +148,15 @@ def test_texts_are_embedded_as_in_the_files_by_default(mmeb_eval, caplog):
 
 
 def test_webqa_placeholder_without_image(mmeb_eval, caplog):
+    # The real embedder scores these rows (it raised on the placeholder before).
+    from hardneg.models import Embedder
+
+    images = mmeb_eval / "eval_images"
+    run = evaluate_mmeb(
+        Embedder.tiny(), mmeb_eval, datasets=["WebQA"], image_root=images, show_progress_bar=False
+    )
+    assert run.results["WebQA"].scores_NK.shape == (3, 3)
+    assert run.report()["datasets"]["WebQA"]["placeholders_stripped"]["queries"] == 3
     with caplog.at_level(logging.INFO, logger="hardneg.eval"):
         data = load_dataset(mmeb_eval, "WebQA")
     assert data.queries[0] == {
@@ -157,12 +166,6 @@ def test_webqa_placeholder_without_image(mmeb_eval, caplog):
     assert data.placeholders_stripped == {"queries": 3, "candidates": 0}
     assert "dataset WebQA: 3 queries" in caplog.text
     assert "removed from 3 query and 0 candidate texts" in caplog.text
-    # The real embedder scores these rows (it raised on the placeholder before).
-    from hardneg.models import Embedder
-
-    run = evaluate_mmeb(Embedder.tiny(), mmeb_eval, datasets=["WebQA"], show_progress_bar=False)
-    assert run.results["WebQA"].scores_NK.shape == (3, 3)
-    assert run.report()["datasets"]["WebQA"]["placeholders_stripped"]["queries"] == 3
 
 
 @pytest.mark.parametrize("column", EVAL_COLUMNS)
@@ -178,7 +181,9 @@ def test_missing_or_renamed_column_is_named(mmeb_eval, tmp_path, column, how):
         table = table.rename_columns([c + "s" if c == column else c for c in table.column_names])
     pq.write_table(table, path)
     with pytest.raises(MMEBFormatError) as err:
-        evaluate_mmeb(StandinEmbedder(), root, show_progress_bar=False)
+        evaluate_mmeb(
+            StandinEmbedder(), root, image_root=root / "eval_images", show_progress_bar=False
+        )
     message = str(err.value)
     assert message.startswith(f"dataset 'OK-VQA': {path} has no column '{column}'")
 
