@@ -146,11 +146,24 @@ class _RowReader:
             text, stripped = strip_image_placeholder(text), True
         return (None if _blank(text) else text), image, stripped
 
-
-def _list_of(value, row: int, column: str, reader: _RowReader) -> list:
-    if not isinstance(value, (list, tuple)):
-        raise reader.error(row, f"{column} is {type(value).__name__} {value!r}, not a list")
-    return list(value)
+    def candidates(self, texts, images, row: int) -> list[tuple[str | None, str | None, bool]]:
+        """The items of one row's candidate list, validated."""
+        for value, column in ((texts, "tgt_text"), (images, "tgt_img_path")):
+            if not isinstance(value, (list, tuple)):
+                raise self.error(row, f"{column} is {type(value).__name__} {value!r}, not a list")
+        if len(texts) != len(images):
+            raise self.error(
+                row, f"tgt_text has {len(texts)} entries but tgt_img_path has {len(images)}"
+            )
+        if not texts:
+            raise self.error(row, "empty candidate list")
+        items = []
+        for k, (text, image) in enumerate(zip(texts, images, strict=True)):
+            item = self.item(text, image, row, f"tgt_img_path[{k}]")
+            if item[0] is None and item[1] is None:
+                raise self.error(row, f"candidate {k} has no text and no image")
+            items.append(item)
+        return items
 
 
 def load_dataset(
@@ -206,19 +219,10 @@ def load_dataset(
             stripped_queries += stripped
             if q_text is None and q_image is None:
                 raise reader.error(row, "query has no text and no image")
-            t_texts = _list_of(columns["tgt_text"][i], row, "tgt_text", reader)
-            t_images = _list_of(columns["tgt_img_path"][i], row, "tgt_img_path", reader)
-            if len(t_texts) != len(t_images):
-                raise reader.error(
-                    row, f"tgt_text has {len(t_texts)} entries but tgt_img_path has {len(t_images)}"
-                )
-            if not t_texts:
-                raise reader.error(row, "empty candidate list")
             index = []
-            for k, (t_text, t_image) in enumerate(zip(t_texts, t_images, strict=True)):
-                text, image, stripped = reader.item(t_text, t_image, row, f"tgt_img_path[{k}]")
-                if text is None and image is None:
-                    raise reader.error(row, f"candidate {k} has no text and no image")
+            for text, image, stripped in reader.candidates(
+                columns["tgt_text"][i], columns["tgt_img_path"][i], row
+            ):
                 key = (text, image)
                 if key not in candidate_ids:
                     candidate_ids[key] = len(data.candidates)
