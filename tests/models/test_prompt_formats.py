@@ -17,7 +17,7 @@ from PIL import Image
 
 IMAGE_TOKEN = 151646
 
-# LLaVE's llava/train/train.py preprocess_qwen (lines 567-626): the tokenizer's template is reset
+# LLaVE's llava/train/train.py preprocess_qwen (lines 567-642): the tokenizer's template is reset
 # to this, each message is rendered and tokenized on its own, and the ids are concatenated.
 LLAVE_MESSAGE_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "

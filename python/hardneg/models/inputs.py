@@ -9,7 +9,7 @@ EmbedderConfig.prompt_format and saved with the checkpoint:
         <|im_start|>user\\n{message}<|im_end|>\\n<|im_start|>assistant\\n
 
 "llave": LLaVE's embedding prompt, exactly as its training and evaluation code build it
-    (DeepLearnXMU/LLaVE: llava/train/train.py preprocess_qwen, lines 567-626, called on
+    (DeepLearnXMU/LLaVE: llava/train/train.py preprocess_qwen, lines 567-642, called on
     [{"from": "human", "value": text}, {"from": "gpt", "value": "\\n"}] at lines 1074-1084 and in
     llava/eval/model_embed.py lines 94-100; conv template "qwen_1_5", llava/conversation.py 443):
         <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
