@@ -3,29 +3,42 @@
 One process:
     python recipes/eval_mmeb.py --model runs/tiny/final --data-root data/synthetic/eval \
         --output runs/tiny/mmeb.json --similarity
-Every GPU of a node (each rank embeds a shard of the distinct items, rank 0 scores):
+Every GPU of a node (each rank embeds a shard of the distinct items, rank 0 scores), on the
+Hugging Face snapshot of TIGER-Lab/MMEB-eval (MMEB-eval/<Dataset>/test-00000-of-00001.parquet)
+with its images unzipped next to it (unzip images.zip -d MMEB-eval/eval_images):
     torchrun --standalone --nproc_per_node 8 recipes/eval_mmeb.py --model CKPT \
         --data-root MMEB-eval --image-root MMEB-eval/eval_images --output out/mmeb.json
 
---model is an Embedder checkpoint directory (Embedder.save_pretrained), or "tiny[:SEED]" for the
-random tiny model (a smoke test and the speed benchmark of this script). Writes OUT.json
-(leaderboard-style), OUT.md (the table) and, with --similarity, OUT.similarity.json + .png
-(LLaVE Table 1 analysis). Embeddings are cached under --cache-dir (default: beside OUT), so a rerun
-or an interrupted run only embeds what is missing.
+--model is an Embedder checkpoint directory (Embedder.save_pretrained, or a downloaded llava-hf
+LLaVA-OneVision checkpoint), or "tiny[:SEED]" for the random tiny model (a smoke test and the speed
+benchmark of this script); --prompt-format llave embeds with LLaVE's exact prompt and pooling.
+Writes OUT.json (leaderboard-style), OUT.md (the table) and, with --similarity,
+OUT.similarity.json + .png (LLaVE Table 1 analysis). Embeddings are cached under --cache-dir
+(default: beside OUT), so a rerun or an interrupted run only embeds what is missing. Texts are
+embedded exactly as in the files (VLM2Vec's protocol) unless --instructions asks otherwise. Bad
+input (a missing model, dataset, column or image) ends the run with one line on stderr and exit
+status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from hardneg.data.images import ImageLoadError
 from hardneg.eval import evaluate_mmeb, markdown_table, write_similarity
-from hardneg.eval.mmeb import INSTRUCTION_POLICIES
+from hardneg.eval.mmeb import INSTRUCTION_POLICIES, MMEBFormatError
+from hardneg.models.inputs import PROMPT_FORMATS
+
+# Errors of the user's input: reported as one line, not a traceback per rank.
+USER_ERRORS = (FileNotFoundError, MMEBFormatError, ImageLoadError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,28 +47,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", required=True, help="ROOT/<Dataset>/<split>*.parquet|.jsonl")
     p.add_argument("--datasets", default="", help="comma-separated subset (default: all found)")
     p.add_argument("--split", default="test")
-    p.add_argument("--image-root", default=None, help="base of image paths (default ROOT/images)")
+    p.add_argument(
+        "--image-root",
+        default=None,
+        help="folder the image paths are relative to (MMEB-eval: where images.zip was unzipped); "
+        "default: the first of ROOT/eval_images, ROOT/images, ROOT holding the images",
+    )
     p.add_argument("--output", required=True, help="OUT.json; OUT.md is written beside it")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: OUT dir/cache)")
     p.add_argument("--no-cache", action="store_true", help="keep embeddings in memory only")
     p.add_argument("--batch-size", type=int, default=32)
-    # MMEB-eval rows carry their instructions inline; "auto" adds a dataset's instruction only
-    # to texts that lack it (tasks.needs_instruction).
-    p.add_argument("--instructions", default="auto", choices=INSTRUCTION_POLICIES)
+    # MMEB-eval rows carry their instructions inline and are scored as they are ("none"), as
+    # VLM2Vec does. "missing" adds an MMEB dataset's instruction to texts that lack it
+    # (tasks.needs_instruction), "always" to every text; both log how many texts they changed.
+    p.add_argument("--instructions", default="none", choices=INSTRUCTION_POLICIES)
     p.add_argument("--max-queries", type=int, default=None, help="first N rows per dataset")
     p.add_argument("--similarity", action="store_true", help="write the similarity analysis")
+    # The checkpoint's own prompt format unless overridden: "llave" embeds with LLaVE's exact
+    # prompt and pooling, "hardneg" with the checkpoint's chat template (models/inputs.py).
+    p.add_argument("--prompt-format", default=None, choices=PROMPT_FORMATS)
     # bf16 halves memory and time on GPUs; the embedding is returned in fp32 either way.
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     return p.parse_args(argv)
 
 
-def load_embedder(spec: str, device: torch.device, dtype: str):
+def load_embedder(spec: str, device: torch.device, dtype: str, prompt_format: str | None = None):
     from hardneg.models import Embedder
 
+    override = {"prompt_format": prompt_format} if prompt_format else {}
     if spec == "tiny" or spec.startswith("tiny:"):
-        embedder = Embedder.tiny(seed=int(spec.partition(":")[2] or 0))
+        embedder = Embedder.tiny(seed=int(spec.partition(":")[2] or 0), **override)
     else:
-        embedder = Embedder.from_pretrained(spec)
+        embedder = Embedder.from_pretrained(spec, config=override)
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     return embedder.to(device=device, dtype=getattr(torch, dtype)).eval()
@@ -63,6 +86,16 @@ def load_embedder(spec: str, device: torch.device, dtype: str):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        evaluate(args)
+    except USER_ERRORS as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"eval_mmeb: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def evaluate(args: argparse.Namespace) -> None:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         # Only object collectives run here (work lists, embeddings to rank 0): gloo suffices.
@@ -74,8 +107,8 @@ def main(argv=None) -> None:
     cache_dir = None if args.no_cache else Path(args.cache_dir or output.parent / "cache")
 
     start = time.perf_counter()
-    embedder = load_embedder(args.model, device, args.dtype)
-    run = evaluate_mmeb(
+    embedder = load_embedder(args.model, device, args.dtype, args.prompt_format)
+    result = evaluate_mmeb(
         embedder,
         args.data_root,
         datasets=[d for d in args.datasets.split(",") if d] or None,
@@ -88,9 +121,9 @@ def main(argv=None) -> None:
         model_name=args.model,
     )
     if rank == 0:
-        report = run.report()
+        report = result.report()
         report["seconds"] = {"total": round(time.perf_counter() - start, 2)}
-        report["seconds"].update({n: round(t, 2) for n, t in run.timings_s.items()})
+        report["seconds"].update({n: round(t, 2) for n, t in result.timings_s.items()})
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2) + "\n")
         table = markdown_table(report)
@@ -98,7 +131,7 @@ def main(argv=None) -> None:
         print(table)
         if args.similarity:
             write_similarity(
-                {n: r.scores_NK for n, r in run.results.items()},
+                {n: r.scores_NK for n, r in result.results.items()},
                 output.with_suffix(".similarity.json"),
                 output.with_suffix(".similarity.png"),
                 title=args.model,

@@ -166,15 +166,15 @@ def test_instruction_policies(tmp_path):
     rows = _text_rows([("What colour?", ["red", "blue"])])
     rows[0]["qry_img_path"] = "colors/red.png"
     write_dataset(tmp_path, "OK-VQA", rows)
-    auto = load_dataset(tmp_path, "OK-VQA")
-    assert auto.query_instructions == [MMEB_TASKS["OK-VQA"].query_instruction]
-    assert auto.candidate_instructions == [None, None]  # VQA answers carry no instruction
-    inline = load_dataset(tmp_path, "ImageNet-1K")
+    # Default: texts as in the files, whatever they look like.
+    assert load_dataset(tmp_path, "OK-VQA").query_instructions == [None]
+    missing = load_dataset(tmp_path, "OK-VQA", instructions="missing")
+    assert missing.query_instructions == [MMEB_TASKS["OK-VQA"].query_instruction]
+    assert missing.candidate_instructions == [None, None]  # VQA answers carry no instruction
+    inline = load_dataset(tmp_path, "ImageNet-1K", instructions="missing")
     assert set(inline.query_instructions) == {None}  # already inline in MMEB-eval texts
     always = load_dataset(tmp_path, "ImageNet-1K", instructions="always")
     assert set(always.query_instructions) == {MMEB_TASKS["ImageNet-1K"].query_instruction}
-    never = load_dataset(tmp_path, "OK-VQA", instructions="never")
-    assert never.query_instructions == [None]
     with pytest.raises(ValueError, match="instructions must be one of"):
         load_dataset(tmp_path, "OK-VQA", instructions="sometimes")
 

@@ -95,3 +95,78 @@ def test_torchrun_two_ranks_match_single_process(data, single_run, tmp_path):
             assert sim_sharded[name][key] == pytest.approx(value, abs=1e-5), (name, key)
     # Each distinct item was embedded by exactly one rank: the cache holds no duplicate row.
     assert _cached_rows(tmp_path / "cache") == _cached_rows(single_run.parent / "cache")
+
+
+@pytest.fixture(scope="module")
+def real_layout(tmp_path_factory):
+    from fixtures.mmeb_layout import write_mmeb_eval
+
+    root = tmp_path_factory.mktemp("MMEB-eval")
+    write_mmeb_eval(root)
+    return root
+
+
+def test_real_layout_run(real_layout, tmp_path):
+    out = tmp_path / "mmeb.json"
+    _recipe().main(["--model", "tiny", "--data-root", str(real_layout), "--output", str(out)])
+    report = json.loads(out.read_text())
+    assert list(report["datasets"]) == ["ImageNet-1K", "OK-VQA", "MSCOCO_t2i", "WebQA"]
+    webqa = report["datasets"]["WebQA"]
+    assert webqa["placeholders_stripped"] == {"queries": 3, "candidates": 0}
+    assert webqa["instructions_added"] == {"queries": 0, "candidates": 0}
+    for d in report["datasets"].values():
+        assert 0 <= d["precision@1_tie_aware"] <= d["precision@1"] <= 100
+    assert "| P@1 ties shared |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_model", "no model at '{root}/nope' (no such directory)"),
+        ("no_images", "not found under {root}/eval_images or {root}/images or {root}; pass "),
+        ("no_column", "dataset 'OK-VQA': {root}/OK-VQA/test-00000-of-00001.parquet has no column"),
+    ],
+)
+def test_user_errors_are_one_line(real_layout, tmp_path, capsys, case, message):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "MMEB-eval"
+    shutil.copytree(real_layout, root)
+    model = "tiny"
+    if case == "no_model":
+        model, root = str(root / "nope"), root
+    elif case == "no_images":
+        (root / "eval_images").rename(tmp_path / "elsewhere")
+    else:
+        path = root / "OK-VQA" / "test-00000-of-00001.parquet"
+        pq.write_table(pq.read_table(path).drop_columns(["tgt_text"]), path)
+    args = ["--model", model, "--data-root", str(root), "--output", str(tmp_path / "o.json")]
+    with pytest.raises(SystemExit) as exit_info:
+        _recipe().main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval_mmeb: error: "), err
+    assert message.format(root=root) in err[0]
+    if case == "no_images":
+        assert "--image-root" in err[0]
+
+
+def test_prompt_format_flag(tmp_path):
+    import torch
+
+    recipe = _recipe()
+    cpu = torch.device("cpu")
+    assert recipe.load_embedder("tiny", cpu, "float32").config.prompt_format == "hardneg"
+    llave = recipe.load_embedder("tiny:1", cpu, "float32", "llave")
+    assert llave.config.prompt_format == "llave"
+    llave.save_pretrained(tmp_path / "ckpt")
+    saved = recipe.load_embedder(str(tmp_path / "ckpt"), cpu, "float32")
+    assert saved.config.prompt_format == "llave"  # the checkpoint's own format by default
+    switched = recipe.load_embedder(str(tmp_path / "ckpt"), cpu, "float32", "hardneg")
+    assert switched.config.prompt_format == "hardneg"
+    assert (
+        recipe.parse_args(["--model", "m", "--data-root", "r", "--output", "o"]).prompt_format
+        is None
+    )

@@ -130,8 +130,12 @@ def test_instructions_and_templates(tiny_embedder):
 
 
 def test_prepare_rejects_bad_items(tiny_embedder, items):
-    with pytest.raises(ValueError, match="item 1 has an image placeholder"):
-        tiny_embedder.prepare([items[0], {"text": "<|image_1|> hi", "image": None}])
+    strict = copy.deepcopy(tiny_embedder)
+    strict.config.placeholder_without_image = "error"
+    with pytest.raises(ValueError, match="item 1 has an image placeholder in its text but no"):
+        strict.prepare([items[0], {"text": "<|image_1|> hi", "image": None}])
+    with pytest.raises(ValueError, match="item 0 has 2 image placeholders"):
+        tiny_embedder.prepare([{"text": "<|image_1|> a <image>", "image": items[1]["image"]}])
     with pytest.raises(ValueError, match="item 0 has neither text nor image"):
         tiny_embedder.prepare([{"text": None, "image": None}])
     with pytest.raises(ValueError, match="role must be one of"):

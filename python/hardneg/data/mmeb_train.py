@@ -6,8 +6,15 @@ Layouts read under `root` (first match per subset):
                                                            snapshot, split "original" or
                                                            "diverse_instruction")
 Row fields (facts.md): qry, qry_image_path, pos_text, pos_image_path, and optionally neg_text,
-neg_image_path (a string or a list). "" or null means "none". Image paths are relative to
-`image_root`, by default tried under root/images then root.
+neg_image_path (a string or a list). "" or null means "none"; a file lacking a required column is
+an error naming the subset, the file and the column. Image paths are relative to `image_root`, by
+default root/images or root (MMEB-train's paths, "images/<Subset>/Train/x.jpg", are relative to
+the snapshot root): the first image found settles which, once (images.ImageResolver), and a root
+under which none of a subset's first images exists is an error at construction.
+
+A text carrying the "<|image_1|>" placeholder on an item without an image (MMEB-train's WebQA
+queries: "<|image_1|>\nFind a Wikipedia image..." with an empty qry_image_path) loses the
+placeholder; the count per subset is logged and kept in `placeholders_stripped`.
 
 Per-subset caps keep the first `cap` rows of a subset (VLM2Vec / LLaVE: 50K each). Per-subset
 weights resample a subset inside the epoch: weight 2 lists every row twice, 0.5 a fixed random half
@@ -18,22 +25,27 @@ can mask false negatives (a duplicate of a query's positive, e.g. the VQA answer
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from hardneg.data.images import (
     MMEB_IMAGE_PLACEHOLDER,
     ImageLoadError,
+    ImageResolver,
     load_image,
+    strip_image_placeholder,
 )
+from hardneg.data.sampler import TrainBatchSampler
+
+__all__ = ["MMEBTrainDataset", "TrainBatchSampler", "find_subset_files"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +53,14 @@ REQUIRED_FIELDS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 NEGATIVE_FIELDS = ("neg_text", "neg_image_path")
 ON_MISSING_IMAGE = ("error", "skip")
 _EXTENSIONS = (".parquet", ".jsonl")
+IMAGE_ROOT_HINT = (
+    "set image_root (data.image_root in a training config) to the folder the image paths are "
+    "relative to: for MMEB-train, the snapshot root holding images/"
+)
+# Image paths tried per subset at construction before the image root is declared wrong.
+_IMAGE_ROOT_PROBES = 64
+# (text field, image field) of the items of a row.
+_ITEM_FIELDS = (("qry", "qry_image_path"), ("pos_text", "pos_image_path"))
 
 
 def find_subset_files(root: Path, split: str) -> dict[str, list[Path]]:
@@ -58,16 +78,35 @@ def find_subset_files(root: Path, split: str) -> dict[str, list[Path]]:
     return found
 
 
-def _read_rows(files: Sequence[Path]) -> list[dict]:
+def _missing_field(subset: str, path: Path, field: str, present, row: int | None = None):
+    at = f" row {row}" if row is not None else ""
+    return ValueError(
+        f"subset {subset!r}: {path}{at} has no column {field!r} (columns: {sorted(present)}); "
+        f"MMEB-train rows have {list(REQUIRED_FIELDS)} and optionally {list(NEGATIVE_FIELDS)}"
+    )
+
+
+def _read_rows(subset: str, files: Sequence[Path]) -> list[dict]:
+    """Every row of a subset's files; ValueError naming the subset, file and column when a
+    required column is missing."""
     rows: list[dict] = []
     for path in files:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            rows.extend(pq.read_table(path).to_pylist())
-        else:
-            with open(path, encoding="utf-8") as f:
-                rows.extend(json.loads(line) for line in f if line.strip())
+            table = pq.read_table(path)
+            for field in REQUIRED_FIELDS:
+                if field not in table.column_names:
+                    raise _missing_field(subset, path, field, table.column_names)
+            rows.extend(table.to_pylist())
+            continue
+        with open(path, encoding="utf-8") as f:
+            new = [json.loads(line) for line in f if line.strip()]
+        for r, row in enumerate(new):
+            for field in REQUIRED_FIELDS:
+                if field not in row:
+                    raise _missing_field(subset, path, field, row, r)
+        rows.extend(new)
     return rows
 
 
@@ -84,6 +123,36 @@ def _as_list(value) -> list:
     if isinstance(value, (list, tuple)):
         return list(value)
     return [value]
+
+
+def _strip_if_no_image(text: str | None, image: str | None) -> tuple[str | None, int]:
+    """(text, 1) with the placeholder removed when the item has none of the image it announces,
+    else (text, 0); an emptied text becomes None."""
+    if text is None or image is not None or MMEB_IMAGE_PLACEHOLDER not in text:
+        return text, 0
+    return _none_if_empty(strip_image_placeholder(text)), 1
+
+
+def _negatives_of(row: dict, subset: str, r: int) -> list[tuple[str | None, str | None]]:
+    texts = _as_list(row.get("neg_text"))
+    paths = _as_list(row.get("neg_image_path"))
+    n = max(len(texts), len(paths))
+    if texts and paths and len(texts) != len(paths):
+        raise ValueError(
+            f"subset {subset!r} row {r}: neg_text has {len(texts)} entries but neg_image_path "
+            f"has {len(paths)}"
+        )
+    texts += [None] * (n - len(texts))
+    paths += [None] * (n - len(paths))
+    negatives = [(_none_if_empty(t), _none_if_empty(p)) for t, p in zip(texts, paths, strict=True)]
+    return [(t, p) for t, p in negatives if t is not None or p is not None]
+
+
+def _image_fields(row: dict) -> list[tuple[str, str]]:
+    """(field, path) of every image a kept row refers to."""
+    fields = [("qry_image_path", row["qry_image_path"]), ("pos_image_path", row["pos_image_path"])]
+    fields += [("neg_image_path", p) for _, p in row["negatives"]]
+    return [(f, p) for f, p in fields if p is not None]
 
 
 class MMEBTrainDataset(Dataset):
@@ -124,9 +193,8 @@ class MMEBTrainDataset(Dataset):
             )
         self.on_missing_image = on_missing_image
         self.image_token = image_token
-        self.image_bases = (
-            [Path(image_root)] if image_root is not None else [self.root / "images", self.root]
-        )
+        bases = [image_root] if image_root is not None else [self.root / "images", self.root]
+        self.resolve = ImageResolver(bases, hint=IMAGE_ROOT_HINT)
         files = find_subset_files(self.root, split)
         if subsets is None:
             subsets = sorted(files)
@@ -153,6 +221,7 @@ class MMEBTrainDataset(Dataset):
         self.weights = {s: float(weights.get(s, 1.0)) for s in self.subsets}
         self.skipped: dict[str, int] = {}
         self.skipped_unreadable = 0
+        self.placeholders_stripped: dict[str, int] = {}
         self._rows: dict[str, list[dict]] = {}  # per subset: kept rows (with "_row")
         self._ids: dict[tuple[str, str], int] = {}
         self._index: list[tuple[str, int]] = []  # (subset, position in self._rows[subset])
@@ -167,28 +236,16 @@ class MMEBTrainDataset(Dataset):
     # -- construction ------------------------------------------------------------------------
 
     def _load_subset(self, subset: str, files: list[Path], cap: int | None) -> list[dict]:
-        raw = _read_rows(files)
-        missing_fields = [f for f in REQUIRED_FIELDS if raw and f not in raw[0]]
-        if missing_fields:
-            raise ValueError(
-                f"subset {subset!r} ({files[0]}) lacks field(s) {missing_fields}; MMEB-train rows "
-                f"have {REQUIRED_FIELDS + NEGATIVE_FIELDS}"
-            )
+        raw = _read_rows(subset, files)
         if cap is not None:
             if cap < 0:
                 raise ValueError(f"cap of subset {subset!r} must be >= 0, got {cap}")
             raw = raw[:cap] if cap > 0 else raw
         rows = []
-        skipped = 0
+        skipped = stripped = 0
         for r, row in enumerate(raw):
-            kept = {
-                "_row": r,
-                "qry": _none_if_empty(row.get("qry")),
-                "qry_image_path": _none_if_empty(row.get("qry_image_path")),
-                "pos_text": _none_if_empty(row.get("pos_text")),
-                "pos_image_path": _none_if_empty(row.get("pos_image_path")),
-                "negatives": self._negatives_of(row, subset, r),
-            }
+            kept, n_stripped = self._read_row(row, subset, r)
+            stripped += n_stripped
             if self.on_missing_image == "skip" and not self._images_exist(kept):
                 skipped += 1
                 continue
@@ -203,43 +260,65 @@ class MMEBTrainDataset(Dataset):
                 skipped,
                 len(raw),
             )
+        if stripped:
+            self.placeholders_stripped[subset] = stripped
+            log.warning(
+                "subset %s: image placeholder removed from %d texts without an image",
+                subset,
+                stripped,
+            )
         if not rows:
-            raise ValueError(f"subset {subset!r} has no usable rows ({len(raw)} read)")
+            hint = "" if self.resolve.base else f"; images {self.resolve.not_found('...')}"
+            raise ValueError(f"subset {subset!r} has no usable rows ({len(raw)} read){hint}")
+        if self.on_missing_image == "error":
+            self._check_image_root(subset, rows)
         return rows
 
-    @staticmethod
-    def _negatives_of(row: dict, subset: str, r: int) -> list[tuple[str | None, str | None]]:
-        texts = _as_list(row.get("neg_text"))
-        paths = _as_list(row.get("neg_image_path"))
-        n = max(len(texts), len(paths))
-        if texts and paths and len(texts) != len(paths):
-            raise ValueError(
-                f"subset {subset!r} row {r}: neg_text has {len(texts)} entries but neg_image_path "
-                f"has {len(paths)}"
+    def _read_row(self, row: dict, subset: str, r: int) -> tuple[dict, int]:
+        """One raw row -> kept fields (None for "none", placeholders without an image removed)
+        and the number of placeholders removed."""
+        kept: dict = {"_row": r}
+        stripped = 0
+        for text_field, image_field in _ITEM_FIELDS:
+            image = _none_if_empty(row.get(image_field))
+            text, n = _strip_if_no_image(_none_if_empty(row.get(text_field)), image)
+            kept[text_field], kept[image_field] = text, image
+            stripped += n
+        kept["negatives"] = []
+        for text, image in _negatives_of(row, subset, r):
+            text, n = _strip_if_no_image(text, image)
+            stripped += n
+            if text is not None or image is not None:
+                kept["negatives"].append((text, image))
+        return kept, stripped
+
+    def _check_image_root(self, subset: str, rows: list[dict]) -> None:
+        """A wrong image root fails here, not mid-epoch: among the subset's first
+        _IMAGE_ROOT_PROBES image paths one must exist. (A single missing file is reported when
+        its row is read, by ImageLoadError.)"""
+        images = ((row["_row"], f, p) for row in rows for f, p in _image_fields(row))
+        tried = []
+        for r, field, path in itertools.islice(images, _IMAGE_ROOT_PROBES):
+            if self.resolve(path) is not None:
+                return
+            tried.append((r, field, path))
+        if tried:
+            r, field, path = tried[0]
+            raise FileNotFoundError(
+                f"subset {subset!r} row {r}: {field} {path!r} {self.resolve.not_found(path)} "
+                f"(nor any of the subset's first {len(tried)} images)"
             )
-        texts += [None] * (n - len(texts))
-        paths += [None] * (n - len(paths))
-        negatives = [
-            (_none_if_empty(t), _none_if_empty(p)) for t, p in zip(texts, paths, strict=True)
-        ]
-        return [(t, p) for t, p in negatives if t is not None or p is not None]
 
     def _id_of(self, text: str | None, image_path: str | None) -> int:
         key = ((text or "").strip(), image_path or "")
         return self._ids.setdefault(key, len(self._ids))
 
     def _resolve(self, path: str) -> Path:
-        p = Path(path)
-        if p.is_absolute():
-            return p
-        for base in self.image_bases:
-            if (base / p).exists():
-                return base / p
-        return self.image_bases[0] / p
+        """The file of `path`, or where it should be (under the one chosen image base)."""
+        return self.resolve(path) or self.resolve.expected(path)
 
     def _images_exist(self, row: dict) -> bool:
-        paths = [row["qry_image_path"], row["pos_image_path"]] + [p for _, p in row["negatives"]]
-        return all(self._resolve(p).is_file() for p in paths if p is not None)
+        return all(self.resolve(p) is not None for _, p in _image_fields(row))
 
     def _weighted_positions(self, subset: str, rng: random.Random) -> list[tuple[str, int]]:
         n, w = len(self._rows[subset]), self.weights[subset]
@@ -304,97 +383,3 @@ class MMEBTrainDataset(Dataset):
             "subset": subset,
             "row": row["_row"],
         }
-
-
-class TrainBatchSampler(Sampler[list[int]]):
-    """Deterministic, resumable batches of dataset indices, optionally one subset per batch.
-
-    Each epoch shuffles with seed (seed, epoch). With same_subset, every global batch (batch_size x
-    num_replicas indices, rank r taking slice r) comes from one subset, so all in-batch and
-    cross-device negatives share the query's task (VLM2Vec's "same source" batches); a subset's
-    remainder that cannot fill a global batch is dropped when drop_last. Rank r yields its slice.
-
-    Resuming: state_dict() = {"epoch", "position"} (batches already yielded this epoch);
-    load_state_dict() makes the next iteration start there. set_epoch(e) starts epoch e at 0.
-    """
-
-    def __init__(
-        self,
-        dataset: MMEBTrainDataset | Sequence[int],
-        batch_size: int,
-        *,
-        same_subset: bool = False,
-        seed: int = 0,
-        drop_last: bool = True,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
-        codes = dataset.subset_codes() if hasattr(dataset, "subset_codes") else list(dataset)
-        self.codes = codes
-        self.batch_size = batch_size
-        self.same_subset = same_subset
-        self.seed = seed
-        self.drop_last = drop_last
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
-        self.position = 0
-        self._start = 0
-        self._cache: tuple[int, list[list[int]]] | None = None  # (epoch, its global batches)
-
-    def _global_batches(self) -> list[list[int]]:
-        if self._cache is not None and self._cache[0] == self.epoch:
-            return self._cache[1]
-        batches = self._make_global_batches()
-        self._cache = (self.epoch, batches)
-        return batches
-
-    def _make_global_batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        G = self.batch_size * self.num_replicas
-        if self.same_subset:
-            groups: dict[int, list[int]] = {}
-            for i, c in enumerate(self.codes):
-                groups.setdefault(c, []).append(i)
-            batches = []
-            for c in sorted(groups):
-                idx = groups[c]
-                perm = torch.randperm(len(idx), generator=g).tolist()
-                batches += self._chunk([idx[p] for p in perm], G)
-            order = torch.randperm(len(batches), generator=g).tolist()
-            return [batches[k] for k in order]
-        perm = torch.randperm(len(self.codes), generator=g).tolist()
-        return self._chunk(perm, G)
-
-    def _chunk(self, idx: list[int], G: int) -> list[list[int]]:
-        batches = [idx[k : k + G] for k in range(0, len(idx), G)]
-        if batches and len(batches[-1]) < G and (self.drop_last or self.num_replicas > 1):
-            batches.pop()  # uneven ranks would desynchronise collectives
-        return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self._global_batches()
-        b = self.batch_size
-        start, self._start = self._start, 0
-        for k in range(start, len(batches)):
-            self.position = k + 1
-            yield batches[k][self.rank * b : (self.rank + 1) * b]
-
-    def __len__(self) -> int:
-        return len(self._global_batches())
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.position = 0
-        self._start = 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.epoch = int(state["epoch"])
-        self.position = self._start = int(state["position"])

@@ -11,6 +11,7 @@ from hardneg.eval.mmeb import (
     markdown_table,
     precision_at_1,
 )
+from hardneg.eval.scoring import tie_aware_precision_at_1, tied_top_fraction
 from hardneg.eval.similarity import similarity_analysis, similarity_stats, write_similarity
 from hardneg.eval.tasks import META_TASKS, MMEB_TASKS, find_task
 from hardneg.eval.video import evaluate_video_retrieval, recall_at_k, sample_frames
@@ -34,5 +35,7 @@ __all__ = [
     "sample_frames",
     "similarity_analysis",
     "similarity_stats",
+    "tie_aware_precision_at_1",
+    "tied_top_fraction",
     "write_similarity",
 ]

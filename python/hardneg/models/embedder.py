@@ -1,18 +1,18 @@
 """Embedder: a LLaVA-OneVision model used as a universal multimodal embedder.
 
 The embedding of an input (text, image, or image + text) is the last-layer hidden state of its last
-non-pad token, L2-normalised, computed inside the model's chat template (LLaVE, arXiv 2503.04812;
-VLM2Vec). Role-specific instructions (query / target) are put into the user message; MMEB's
-"<|image_1|>" placeholder is replaced by the model's image token, which the processor then expands
-to the image's feature count.
+non-pad token, L2-normalised, computed inside a chat prompt (LLaVE, arXiv 2503.04812; VLM2Vec):
+the checkpoint's own template ("hardneg" format) or LLaVE's exact embedding prompt ("llave"); see
+inputs.py for both, the instructions and MMEB's "<|image_1|>" placeholder, which becomes the
+model's image token, expanded by the processor to the image's feature count.
 
 Legend: B inputs in a batch, L padded sequence length, H hidden size (= D, the embedding dim).
 
 Checkpoint layout (save_pretrained / from_pretrained): transformers' model files (config.json,
 model.safetensors), the processor files (tokenizer, image processor, chat template) and
-hardneg_embedder.json with the pooling, padding side and prompts. A plain llava-hf checkpoint
-(e.g. llava-hf/llava-onevision-qwen2-0.5b-ov-hf downloaded to a local folder) loads too, with the
-default EmbedderConfig.
+hardneg_embedder.json with the pooling, padding side, prompt format and prompts. A plain llava-hf
+checkpoint (e.g. llava-hf/llava-onevision-qwen2-0.5b-ov-hf downloaded to a local folder) loads too,
+with the default EmbedderConfig, and without torchvision.
 """
 
 from __future__ import annotations
@@ -25,153 +25,34 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from hardneg.data.images import MMEB_IMAGE_PLACEHOLDER, load_image
+from hardneg.models.inputs import (
+    CONFIG_NAME,
+    MODEL_INPUTS,
+    PROMPT_FORMATS,
+    EmbedderConfig,
+    InputBuilder,
+)
 from hardneg.models.processor import LlavaOnevisionImageTextProcessor
 
-CONFIG_NAME = "hardneg_embedder.json"
-ROLES = ("query", "target")
-POOLINGS = ("last_token",)
-PADDING_SIDES = ("left", "right")
-# What Embedder.forward takes; other processor outputs (e.g. token_type_ids) are dropped.
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images")
+__all__ = [
+    "CONFIG_NAME",
+    "MODEL_INPUTS",
+    "PROMPT_FORMATS",
+    "Embedder",
+    "EmbedderConfig",
+    "InputBuilder",
+    "last_token_pool",
+]
 
 # LoRA targets: the attention and MLP projections of the language model only (LLaVE fine-tunes
 # the LLM and keeps the vision tower frozen; the projector is trained in full by the trainer).
 LORA_TARGET_MODULES = (
     r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 )
-
-
-@dataclasses.dataclass
-class EmbedderConfig:
-    """What turns items into token sequences and hidden states into embeddings; saved with the
-    weights as hardneg_embedder.json.
-
-    The user message of an item is `{role}_template` formatted with `instruction` and `text`, then
-    stripped of surrounding whitespace (so an empty instruction leaves no blank line). The
-    instruction is the one passed to prepare(), else `{role}_instruction`."""
-
-    pooling: str = "last_token"
-    padding_side: str = "left"
-    query_template: str = "{instruction}\n{text}"
-    target_template: str = "{instruction}\n{text}"
-    query_instruction: str = ""
-    target_instruction: str = ""
-    # LLaVE embeds the prompt followed by the assistant header: the last token then summarises
-    # the whole user turn.
-    add_generation_prompt: bool = True
-
-    def __post_init__(self):
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.padding_side not in PADDING_SIDES:
-            raise ValueError(
-                f"padding_side must be one of {PADDING_SIDES}, got {self.padding_side!r}"
-            )
-        for role in ROLES:
-            template = getattr(self, f"{role}_template")
-            if "{text}" not in template:
-                raise ValueError(f"{role}_template must contain '{{text}}', got {template!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> EmbedderConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown {CONFIG_NAME} field(s) {unknown}; known: {sorted(names)}")
-        return cls(**values)
-
-
-class InputBuilder:
-    """Items -> model inputs (chat template, instructions, image loading, padding). Holds only the
-    processor and the config, so a DataLoader worker can build batches without the model."""
-
-    def __init__(self, processor: LlavaOnevisionImageTextProcessor, config: EmbedderConfig):
-        self.processor = processor
-        self.config = config
-
-    @property
-    def image_token(self) -> str:
-        return self.processor.image_token
-
-    def user_text(self, item: dict, role: str, instruction: str | None, index: int) -> str:
-        """The user message of one item, with the image token where the image goes."""
-        text = item.get("text") or ""
-        has_image = item.get("image") is not None
-        n_placeholders = text.count(MMEB_IMAGE_PLACEHOLDER) + text.count(self.image_token)
-        if n_placeholders > 1:
-            raise ValueError(
-                f"item {index} has {n_placeholders} image placeholders in its text; one image per "
-                f"item is supported: {text!r}"
-            )
-        if n_placeholders and not has_image:
-            raise ValueError(f"item {index} has an image placeholder in its text but no image")
-        text = text.replace(MMEB_IMAGE_PLACEHOLDER, self.image_token)
-        if instruction is None:
-            instruction = getattr(self.config, f"{role}_instruction")
-        template = getattr(self.config, f"{role}_template")
-        message = template.format(instruction=instruction, text=text).strip()
-        if has_image and not n_placeholders:
-            # MMEB puts the image first ("<|image_1|>\nRepresent ..."): do the same.
-            message = f"{self.image_token}\n{message}" if message else self.image_token
-        return message
-
-    def __call__(
-        self,
-        items: Sequence[dict],
-        role: str = "query",
-        instructions: Sequence[str] | str | None = None,
-    ) -> dict[str, Tensor]:
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        if len(items) == 0:
-            raise ValueError("items is empty")
-        if isinstance(instructions, str):
-            instructions = [instructions] * len(items)
-        if instructions is not None and len(instructions) != len(items):
-            raise ValueError(
-                f"instructions has {len(instructions)} entries but items has {len(items)}"
-            )
-        texts, images = [], []
-        for i, item in enumerate(items):
-            if not isinstance(item, dict) or not ({"text", "image"} & set(item)):
-                raise ValueError(
-                    f"item {i} must be a dict with 'text' and/or 'image', got {item!r}"
-                )
-            if item.get("text") is None and item.get("image") is None:
-                raise ValueError(f"item {i} has neither text nor image")
-            instruction = instructions[i] if instructions is not None else None
-            message = self.user_text(item, role, instruction, i)
-            texts.append(self._apply_chat_template(message))
-            image = item.get("image")
-            if image is not None:
-                images.append(_as_rgb(image, where=f"item {i}"))
-        tokenizer = self.processor.tokenizer
-        tokenizer.padding_side = self.config.padding_side
-        batch = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-        return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-
-    def _apply_chat_template(self, message: str) -> str:
-        conversation = [{"role": "user", "content": [{"type": "text", "text": message}]}]
-        owner = self.processor if self.processor.chat_template else self.processor.tokenizer
-        if not getattr(owner, "chat_template", None):
-            raise ValueError("neither the processor nor its tokenizer has a chat template")
-        return owner.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=self.config.add_generation_prompt
-        )
-
-
-def _as_rgb(image, where: str) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB") if image.mode != "RGB" else image
-    if isinstance(image, (str, os.PathLike)):
-        return load_image(image, where=where)
-    raise TypeError(f"{where}: image must be a PIL.Image or a path, got {type(image).__name__}")
 
 
 def last_token_pool(hidden_BLH: Tensor, attention_mask_BL: Tensor) -> Tensor:
@@ -221,8 +102,16 @@ class Embedder(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> Embedder:
         """Load from a local folder written by save_pretrained or holding a llava-hf
         LLaVA-OneVision checkpoint. kwargs go to transformers' from_pretrained (dtype,
-        attn_implementation, ...) except `config`, a dict overriding hardneg_embedder.json."""
+        attn_implementation, ...) except `config`, a dict overriding hardneg_embedder.json (e.g.
+        {"prompt_format": "llave"}). Raises FileNotFoundError "no model at PATH" when `path` is
+        not a folder holding a config.json (nothing is downloaded)."""
         path = Path(path)
+        if not (path / "config.json").is_file():
+            reason = "no config.json in it" if path.is_dir() else "no such directory"
+            raise FileNotFoundError(
+                f"no model at {str(path)!r} ({reason}); pass a folder written by "
+                "Embedder.save_pretrained or a downloaded llava-hf LLaVA-OneVision checkpoint"
+            )
         overrides = kwargs.pop("config", None) or {}
         values = {}
         if (path / CONFIG_NAME).is_file():
