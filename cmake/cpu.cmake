@@ -6,7 +6,9 @@
 # HARDNEG_CPU_ARCH=portable (default):
 #   x86-64   baseline (-march=x86-64, SSE2: torch's own CPU baseline, its CXX_FLAGS set no -march
 #            and ATen dispatches AVX2 / AVX-512 itself), avx2 (+AVX2, FMA), avx512 (+AVX-512 F,
-#            CD, BW, DQ, VL: the x86-64-v4 set)
+#            CD, BW, DQ, VL: the x86-64-v4 set; 512-bit vectors, GCC's choice under generic
+#            tuning: the fused kernel ran 1.5x slower with -mprefer-vector-width=256 on a Xeon
+#            with AVX-512, 2026-11-30)
 #   aarch64  baseline (-march=armv8-a: NEON and FMA are part of it)
 #   other    baseline (the compiler's default target)
 # HARDNEG_CPU_ARCH=<-march value> (e.g. native): one variant compiled with -march=<value>; at run
