@@ -42,8 +42,7 @@ from types import ModuleType
 
 import hardneg
 import torch
-from hardneg import _ops
-from hardneg import loss as hardneg_loss_module
+from hardneg import _ops, _schedule
 from hardneg._constants import MODES
 
 from benchmarks import bench_loss, common
@@ -114,7 +113,7 @@ def kernel_call(shape: bench_loss.Shape, inputs: dict):
     that restores S before each call is not counted)."""
     q_BD, t_BD, h = inputs["query"], inputs["target"], inputs["hard_negatives"]
     c_ND = t_BD if h is None else torch.cat([t_BD, h.flatten(0, 1)])
-    R = min(shape.B, hardneg_loss_module.default_chunk_size(c_ND.shape[0]))
+    R = min(shape.B, _schedule.default_chunk_size(c_ND.shape[0]))
     s0_RN = q_BD[:R] @ c_ND.T  # (R, D) x (D, N)
     s_RN = torch.empty_like(s0_RN)
     stats = {k: torch.empty(R) for k in ("lse", "loss", "z_pos", "s_pos")}
