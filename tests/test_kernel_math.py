@@ -7,6 +7,8 @@ Claims under test: error about 1 ulp of the exact exp for x >= -87.3 (1.02 ulp m
 precision cannot promise correct rounding), exactly 0 below
 (results there are under 1.22e-38), +inf from the overflow threshold ln(FLT_MAX) = 88.7228 on, the
 IEEE special values kept, and the same bits from the vector loop body and its scalar tail.
+These run the ISA variant chosen for this machine; tests/test_cpu_isa.py checks the error bound,
+the special values and the tail under every variant the machine runs.
 """
 
 from __future__ import annotations

@@ -1,6 +1,12 @@
-// The _C module: CPU kernels. Forwards only; arguments were checked once in Python.
+// The _C module: CPU kernels and their run-time ISA choice. Forwards only; arguments were checked
+// once in Python.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <string>
+#include <vector>
+
+#include "../cpu/cpu_isa.h"
 #include "../cpu/hardneg_loss.h"
 #include "params.h"
 
@@ -20,4 +26,19 @@ PYBIND11_MODULE(_C, m) {
         hardneg::hardneg_exp_cpu(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y), n);
       },
       py::arg("x"), py::arg("y"), py::arg("n"), py::call_guard<py::gil_scoped_release>());
+
+  // ISA variants (csrc/cpu/cpu_isa.h). std::invalid_argument arrives in Python as ValueError.
+  m.def("cpu_isa", &hardneg::cpu_isa);
+  m.def("cpu_isas_compiled", &hardneg::cpu_isas_compiled);
+  m.def("cpu_isas_supported", &hardneg::cpu_isas_supported);
+  m.def("set_cpu_isa", &hardneg::set_cpu_isa, py::arg("isa"));
+  m.def("cpu_isa_features", &hardneg::cpu_isa_features, py::arg("isa"));
+  m.def(
+      "cpu_isa_problem",
+      [](const std::string& isa, const std::vector<std::string>& present) {
+        return hardneg::cpu_isa_problem(isa, hardneg::cpu_feature_bits(present));
+      },
+      py::arg("isa"), py::arg("present"));
+  m.def("cpu_features_present",
+        [] { return hardneg::cpu_feature_names(hardneg::cpu_features_present()); });
 }

@@ -2,14 +2,29 @@
 // block in at most three sweeps of each row, OpenMP over rows, SIMD over columns. The B x N logits
 // are never materialised: the caller hands row chunks (or column blocks) of S = Q C^T one at a
 // time, and dS overwrites S in place. Time O(rows * cols), extra memory O(1) per row.
-#include "hardneg_loss.h"
-
+//
+// Compiled once per ISA variant (cmake/cpu.cmake: HARDNEG_CPU_VARIANT = baseline, avx2, avx512 or
+// arch, with that variant's flags); cpu_isa.cpp picks one at run time. Everything here has internal
+// linkage or lives in hardneg::cpu_<variant>, so no two variants share a symbol and the linker can
+// never hand one variant's code to another (cmake/check_cpu_variant_symbols.cmake checks it).
 #include <cmath>
 #include <limits>
 
+#include "cpu_isa.h"
 #include "hardneg/hardneg_loss_math.h"
 
+#ifndef HARDNEG_CPU_VARIANT
+#error "HARDNEG_CPU_VARIANT (baseline, avx2, avx512 or arch) is set by cmake/cpu.cmake"
+#endif
+#ifndef HARDNEG_CPU_VARIANT_NAME
+#error "HARDNEG_CPU_VARIANT_NAME (the variant's name in build_info()) is set by cmake/cpu.cmake"
+#endif
+#define HARDNEG_CPU_CONCAT(a, b) a##b
+#define HARDNEG_CPU_NAMESPACE(v) HARDNEG_CPU_CONCAT(cpu_, v)
+#define HARDNEG_CPU_NS HARDNEG_CPU_NAMESPACE(HARDNEG_CPU_VARIANT)  // hardneg::cpu_<variant>
+
 namespace hardneg {
+namespace HARDNEG_CPU_NS {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -126,7 +141,7 @@ void rows_impl(const HardnegLossParams& p) {
     const float z_pos = hardneg_logit(s_pos, true, kMode, p.inv_tau, p.alpha);
     float m, l;
     row_stats<kMask>(r, p.cols, pos, z_pos, m, l);
-    const float lse = m + std::log(l);
+    const float lse = m + logf(l);  // not std::log, an inline wrapper shared across variants
     p.lse[i] = lse;
     p.z_pos[i] = z_pos;
     p.s_pos[i] = s_pos;
@@ -189,15 +204,19 @@ struct BlockGradKernel {
   static void run(const HardnegLossParams& p) { block_grad_impl<kMode, kMask>(p); }
 };
 
-}  // namespace
-
-void hardneg_loss_rows_cpu(const HardnegLossParams& p) { dispatch<RowsKernel>(p); }
-void hardneg_loss_block_update_cpu(const HardnegLossParams& p) { dispatch<BlockUpdateKernel>(p); }
-void hardneg_loss_block_grad_cpu(const HardnegLossParams& p) { dispatch<BlockGradKernel>(p); }
-
-void hardneg_exp_cpu(const float* x, float* y, int64_t n) {
+void exp_impl(const float* x, float* y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] = hardneg_exp(x[i]);
 }
 
+}  // namespace
+
+// This variant's entry points, found by cpu_isa.cpp under hardneg::cpu_<variant>::kCpuKernels.
+extern const CpuKernels kCpuKernels;
+const CpuKernels kCpuKernels = {
+    HARDNEG_CPU_VARIANT_NAME,     kCompiledCpuFeatures,       &dispatch<RowsKernel>,
+    &dispatch<BlockUpdateKernel>, &dispatch<BlockGradKernel>, &exp_impl,
+};
+
+}  // namespace HARDNEG_CPU_NS
 }  // namespace hardneg

@@ -1,4 +1,5 @@
-// CPU entry points of the fused hard-negative loss (csrc/cpu/hardneg_loss.cpp).
+// CPU entry points of the fused hard-negative loss. Each calls the kernels of csrc/cpu/
+// hardneg_loss.cpp in the ISA variant chosen at run time (cpu_isa.h; defined in cpu_isa.cpp).
 #pragma once
 
 #include <cstdint>

@@ -1,13 +1,36 @@
-"""Loading of the compiled modules: _C (CPU) always, _C_cuda only when a CUDA tensor needs it."""
+"""Loading of the compiled modules: _C (CPU) always, _C_cuda only when a CUDA tensor needs it.
+
+The CPU kernels come in ISA variants picked at run time from CPUID (cmake/cpu.cmake): the portable
+build has "avx512", "avx2" and "baseline" on x86-64. The environment variable HARDNEG_CPU_ISA
+forces one ("auto" or unset: the best this CPU runs), read once when hardneg is imported.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
 from types import ModuleType
 
 import torch
 
 from hardneg import _C, _build_config
+
+CPU_ISA_ENV = "HARDNEG_CPU_ISA"
+
+
+def _select_cpu_isa() -> None:
+    """Apply HARDNEG_CPU_ISA; ValueError naming the variable, its value and the variants that
+    run here when the build lacks that variant or this CPU cannot run it."""
+    forced = os.environ.get(CPU_ISA_ENV, "").strip().lower()
+    if forced in ("", "auto"):
+        return
+    try:
+        _C.set_cpu_isa(forced)
+    except ValueError as err:
+        raise ValueError(f"{CPU_ISA_ENV}={forced!r}: {err}") from None
+
+
+_select_cpu_isa()
 
 
 @functools.cache
@@ -48,11 +71,17 @@ def build_info() -> dict:
     version it supports ("11.8"), that runs the kernels (by JIT of the embedded PTX);
     "cuda_driver_min_sass" the oldest that loads the prebuilt cubins without JIT ("12.0" when they
     come from a CUDA 12 ptxas); "cuda_ptx_isa" the PTX ISA per architecture ("80:7.0,90:7.8").
+    For the CPU module: "cpu_arch" is the build's HARDNEG_CPU_ARCH ("portable", or the -march
+    value of a one-variant build such as "native"); "cpu_isa" the variant of the CPU kernels
+    running in this process ("avx512", "avx2", "baseline", or the -march value; "none" when this
+    CPU runs none of them).
     """
     cuda = bool(_build_config.CUDA)
     return {
         "version": _build_config.VERSION,
         "cpu": True,
+        "cpu_arch": _build_config.CPU_ARCH,
+        "cpu_isa": _C.cpu_isa(),
         "cuda": cuda,
         "nccl": bool(_build_config.NCCL),
         "cuda_architectures": _build_config.CUDA_ARCHITECTURES if cuda else "",
