@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hardneg  # noqa: E402
 from hardneg import _C, TEMPERATURE, fused_hardneg_loss, hardneg_loss_reference  # noqa: E402
+from hardneg.distributed.ring import row_loss
 from loss_testing import check_close, fp32_floor, loss_and_grads, make_inputs  # noqa: E402
 from test_kernel_math import dense_grid, hardneg_exp, ulp_error  # noqa: E402
 
@@ -105,7 +106,7 @@ def check_blocks(failures: list[str], *, perturb: bool) -> None:
     lse_true = torch.logsumexp(z.masked_fill(masked, -math.inf), dim=1)
 
     run = {"run_max": torch.full((B,), -math.inf), "run_sum": torch.zeros(B)}
-    run.update({k: torch.empty(B) for k in ("z_pos", "s_pos", "lse")})
+    run.update({k: torch.empty(B) for k in ("z_pos", "s_pos", "loss")})
     bounds = [0, 5, 22, N]
     ds_blocks = s_BN.clone()
     if perturb:
@@ -113,13 +114,14 @@ def check_blocks(failures: list[str], *, perturb: bool) -> None:
     for c0, c1 in zip(bounds[:-1], bounds[1:], strict=False):
         block = {"pos_offset": -c0, "col_ids": col_ids[c0:].data_ptr()}
         _C.hardneg_loss_block_update(_params(ds_blocks[:, c0:c1], run, **block, **common))
-    run["lse"].copy_(run["run_max"] + run["run_sum"].log())
+    # The ring's finish: the loss from z_pos and the negatives' (max, sum); backward reads it.
+    run["loss"].copy_(row_loss(run["z_pos"], run["run_max"], run["run_sum"]))
     for c0, c1 in zip(bounds[:-1], bounds[1:], strict=False):
         block = {"pos_offset": -c0, "col_ids": col_ids[c0:].data_ptr()}
         _C.hardneg_loss_block_grad(_params(ds_blocks[:, c0:c1], run, **block, **common))
     checks = {
         "row lse vs fp64": (rows["lse"].double() - lse_true).abs().max().item() < 1e-4,
-        "block lse vs row": torch.allclose(run["lse"], rows["lse"], rtol=1e-6, atol=1e-5),
+        "block loss vs row": torch.allclose(run["loss"], rows["loss"], rtol=1e-5, atol=1e-6),
         "block s_pos vs row": torch.equal(run["s_pos"], rows["s_pos"]),
         "block dS vs row": torch.allclose(ds_blocks, ds_row, rtol=1e-5, atol=1e-6),
     }

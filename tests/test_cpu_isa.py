@@ -84,7 +84,7 @@ def test_variant_checks_can_fail():
     blocks' logsumexp and dS."""
     failures = run_worker(None, "--perturb")["failures"]
     assert len([f for f in failures if f.startswith("loss ")]) == 5, failures
-    assert "block kernels: block lse vs row" in failures
+    assert "block kernels: block loss vs row" in failures
     assert "block kernels: block dS vs row" in failures
 
 

@@ -94,26 +94,25 @@ float neg_coefficient(const HardnegLossParams& p) {
 
 bool has_mask(const HardnegLossParams& p) { return p.row_ids != nullptr && p.col_ids != nullptr; }
 
+// (max, sum of exp(z - max)) of the unmasked negatives of a row, on both sides of the positive
+// (pos may be outside the block). The positive is kept out: hardneg_row_loss combines them.
 template <bool kMask>
-void row_stats(const RowView& r, int64_t cols, int64_t pos, float z_pos_or_ninf, float& m,
-               float& l) {
-  // Negatives on both sides of the positive (pos may be outside the block).
+void neg_stats(const RowView& r, int64_t cols, int64_t pos, float& m, float& l) {
   const int64_t split = pos < 0 ? 0 : (pos > cols ? cols : pos);
   const int64_t after = (pos >= 0 && pos < cols) ? pos + 1 : split;
-  m = z_pos_or_ninf;
-  m = max_range<kMask>(r, 0, split, m);
+  m = max_range<kMask>(r, 0, split, kNegInf);
   m = max_range<kMask>(r, after, cols, m);
   if (m == kNegInf) {
     l = 0.0f;
     return;
   }
-  l = z_pos_or_ninf == kNegInf ? 0.0f : hardneg_exp(z_pos_or_ninf - m);
-  l += sum_exp_range<kMask>(r, 0, split, m);
-  l += sum_exp_range<kMask>(r, after, cols, m);
+  l = sum_exp_range<kMask>(r, 0, split, m) + sum_exp_range<kMask>(r, after, cols, m);
 }
 
+// dS of row i in place, from its lse (the negatives' P = exp(z - lse)), s_pos and its loss L (the
+// positive's exact expm1(-L) / tau).
 template <LossMode kMode, bool kMask>
-void grad_row(const HardnegLossParams& p, int64_t i, float lse, float s_pos) {
+void grad_row(const HardnegLossParams& p, int64_t i, float lse, float s_pos, float loss) {
   float* s = p.s + i * p.ld_s;
   const RowView r{s, p.col_ids, kMask ? p.row_ids[i] : 0, neg_coefficient(p)};
   const float scale = p.grad_scale * (p.row_scale ? p.row_scale[i] : 1.0f) * p.inv_tau;
@@ -124,9 +123,8 @@ void grad_row(const HardnegLossParams& p, int64_t i, float lse, float s_pos) {
   grad_range<kMode, kMask>(s, r, 0, split, lse, s_pos, scale, p.ega_beta, p.ega_margin);
   grad_range<kMode, kMask>(s, r, after, p.cols, lse, s_pos, scale, p.ega_beta, p.ega_margin);
   if (pos_here) {
-    const float z = hardneg_logit(s[pos], true, kMode, p.inv_tau, p.alpha);
-    s[pos] = hardneg_grad(hardneg_exp(z - lse), true, 1.0f, p.inv_tau) * p.grad_scale *
-             (p.row_scale ? p.row_scale[i] : 1.0f);
+    s[pos] =
+        hardneg_pos_grad(loss, p.inv_tau) * p.grad_scale * (p.row_scale ? p.row_scale[i] : 1.0f);
   }
 }
 
@@ -140,13 +138,14 @@ void rows_impl(const HardnegLossParams& p) {
     const float s_pos = s[pos];
     const float z_pos = hardneg_logit(s_pos, true, kMode, p.inv_tau, p.alpha);
     float m, l;
-    row_stats<kMask>(r, p.cols, pos, z_pos, m, l);
-    const float lse = m + logf(l);  // not std::log, an inline wrapper shared across variants
+    neg_stats<kMask>(r, p.cols, pos, m, l);
+    const float loss = hardneg_row_loss(z_pos, m, l);
+    const float lse = z_pos + loss;
     p.lse[i] = lse;
     p.z_pos[i] = z_pos;
     p.s_pos[i] = s_pos;
-    p.loss[i] = lse - z_pos;
-    if (p.need_grad) grad_row<kMode, kMask>(p, i, lse, s_pos);
+    p.loss[i] = loss;
+    if (p.need_grad) grad_row<kMode, kMask>(p, i, lse, s_pos, loss);
   }
 }
 
@@ -157,14 +156,12 @@ void block_update_impl(const HardnegLossParams& p) {
     const float* s = p.s + i * p.ld_s;
     const RowView r{s, p.col_ids, kMask ? p.row_ids[i] : 0, neg_coefficient(p)};
     const int64_t pos = p.pos_offset + i;
-    float z_pos = kNegInf;
     if (pos >= 0 && pos < p.cols) {
       p.s_pos[i] = s[pos];
-      z_pos = hardneg_logit(s[pos], true, kMode, p.inv_tau, p.alpha);
-      p.z_pos[i] = z_pos;
+      p.z_pos[i] = hardneg_logit(s[pos], true, kMode, p.inv_tau, p.alpha);
     }
     float m, l;
-    row_stats<kMask>(r, p.cols, pos, z_pos, m, l);
+    neg_stats<kMask>(r, p.cols, pos, m, l);  // run_max / run_sum hold negatives only
     hardneg_lse_merge(p.run_max[i], p.run_sum[i], m, l);
   }
 }
@@ -172,7 +169,11 @@ void block_update_impl(const HardnegLossParams& p) {
 template <LossMode kMode, bool kMask>
 void block_grad_impl(const HardnegLossParams& p) {
 #pragma omp parallel for schedule(static) num_threads(p.num_threads) if (p.num_threads > 1)
-  for (int64_t i = 0; i < p.rows; ++i) grad_row<kMode, kMask>(p, i, p.lse[i], p.s_pos[i]);
+  for (int64_t i = 0; i < p.rows; ++i) {
+    // The saved statistics are the row's loss and s_pos: lse = z_pos + L.
+    const float z_pos = hardneg_logit(p.s_pos[i], true, kMode, p.inv_tau, p.alpha);
+    grad_row<kMode, kMask>(p, i, z_pos + p.loss[i], p.s_pos[i], p.loss[i]);
+  }
 }
 
 // Turns the runtime mode and masking flag into template parameters.

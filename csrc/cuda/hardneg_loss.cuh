@@ -107,18 +107,18 @@ __device__ __forceinline__ void row_lse_reduce(float& m, float& l) {
 }
 
 // dS_ij in place over this thread's columns: (P_ij * amp_ij) / tau * row_factor for negatives,
-// (P_ip - 1) / tau * row_factor for the positive, 0 where masked (the CPU's grad_row, per column).
+// expm1(-L) / tau * row_factor = (P_ip - 1) / tau for the positive (exact on confident rows), 0
+// where masked (the CPU's grad_row, per column).
 template <LossMode kMode, bool kMask, int kRowThreads>
 __device__ __forceinline__ void thread_grad(const RowRef& r, int tid, const HardnegLossParams& p,
-                                            float row_factor, float lse, float s_pos) {
+                                            float row_factor, float lse, float s_pos, float loss) {
   const float neg_scale = row_factor * p.inv_tau;
 #pragma unroll 4
   for (int64_t j = tid; j < r.cols; j += kRowThreads) {
     const float sj = r.s[j];
     float g;
     if (j == r.pos) {
-      const float z = hardneg_logit(sj, true, kMode, p.inv_tau, p.alpha);
-      g = hardneg_grad(expf(z - lse), true, 1.0f, p.inv_tau) * row_factor;
+      g = hardneg_pos_grad(loss, p.inv_tau) * row_factor;
     } else if (r.masked(j, kMask)) {
       g = 0.0f;
     } else {
@@ -148,40 +148,36 @@ __device__ __forceinline__ void hardneg_loss_rows(HardnegLossParams p) {
   float m, l;
   thread_neg_stats<kMask, kRowThreads>(r, slot.tid, m, l);
   row_lse_reduce<kRowThreads>(m, l);
-  hardneg_lse_merge(m, l, z_pos, 1.0f);
-  const float lse = m + logf(l);
+  const float loss = hardneg_row_loss(z_pos, m, l);
+  const float lse = z_pos + loss;
   if (slot.tid == 0) {
     p.lse[i] = lse;
     p.z_pos[i] = z_pos;
     p.s_pos[i] = s_pos;
-    p.loss[i] = lse - z_pos;
+    p.loss[i] = loss;
   }
   if (p.need_grad) {
-    thread_grad<kMode, kMask, kRowThreads>(r, slot.tid, p, row_grad_factor(p, i), lse, s_pos);
+    thread_grad<kMode, kMask, kRowThreads>(r, slot.tid, p, row_grad_factor(p, i), lse, s_pos, loss);
   }
 }
 
-// Column-block schedule, forward: merges the block's (max, sum) into run_max / run_sum of each
-// row; rows whose positive lies in the block also record z_pos and s_pos.
+// Column-block schedule, forward: merges the block's (max, sum) of the negatives into run_max /
+// run_sum of each row; rows whose positive lies in the block also record z_pos and s_pos (the
+// caller combines them with hardneg_row_loss once every block is in).
 template <LossMode kMode, bool kMask, int kRowThreads>
 __device__ __forceinline__ void hardneg_loss_block_update(HardnegLossParams p) {
   const RowSlot<kRowThreads> slot;
   if (slot.row >= p.rows) return;
   const int64_t i = slot.row;
   const RowRef r = make_row<kMode, kMask>(p, i);
-  float z_pos = -INFINITY;  // a positive outside the block adds nothing
-  if (r.pos >= 0 && r.pos < r.cols) {
+  if (r.pos >= 0 && r.pos < r.cols && slot.tid == 0) {
     const float s_pos = r.s[r.pos];
-    z_pos = hardneg_logit(s_pos, true, kMode, p.inv_tau, p.alpha);
-    if (slot.tid == 0) {
-      p.s_pos[i] = s_pos;
-      p.z_pos[i] = z_pos;
-    }
+    p.s_pos[i] = s_pos;
+    p.z_pos[i] = hardneg_logit(s_pos, true, kMode, p.inv_tau, p.alpha);
   }
   float m, l;
   thread_neg_stats<kMask, kRowThreads>(r, slot.tid, m, l);
   row_lse_reduce<kRowThreads>(m, l);
-  hardneg_lse_merge(m, l, z_pos, 1.0f);
   if (slot.tid == 0) {
     float run_m = p.run_max[i];
     float run_l = p.run_sum[i];
@@ -191,15 +187,18 @@ __device__ __forceinline__ void hardneg_loss_block_update(HardnegLossParams p) {
   }
 }
 
-// Column-block schedule, backward: dS of the block in place from the final lse and s_pos.
+// Column-block schedule, backward: dS of the block in place from the row's final loss L and s_pos
+// (lse = z_pos + L).
 template <LossMode kMode, bool kMask, int kRowThreads>
 __device__ __forceinline__ void hardneg_loss_block_grad(HardnegLossParams p) {
   const RowSlot<kRowThreads> slot;
   if (slot.row >= p.rows) return;
   const int64_t i = slot.row;
   const RowRef r = make_row<kMode, kMask>(p, i);
-  thread_grad<kMode, kMask, kRowThreads>(r, slot.tid, p, row_grad_factor(p, i), p.lse[i],
-                                         p.s_pos[i]);
+  const float s_pos = p.s_pos[i];
+  const float loss = p.loss[i];
+  const float lse = hardneg_logit(s_pos, true, kMode, p.inv_tau, p.alpha) + loss;
+  thread_grad<kMode, kMask, kRowThreads>(r, slot.tid, p, row_grad_factor(p, i), lse, s_pos, loss);
 }
 
 }  // namespace cuda

@@ -17,6 +17,7 @@
 
 #include "emu_driver.h"
 #include "emu_reference.h"
+#include "hardneg/hardneg_loss_math.h"
 #include "hardneg_loss.h"
 #include "hardneg_loss_kernels.h"
 #include "kernel_image.h"
@@ -55,8 +56,9 @@ Result run_rows(const Case& c) {
   return out;
 }
 
-// Column-block schedule: update over the blocks in a rotated order (as the ring visits them), lse
-// from the running (max, sum), then grad block by block.
+// Column-block schedule: update over the blocks in a rotated order (as the ring visits them), the
+// loss from z_pos and the negatives' running (max, sum) as the ring finishes it (hardneg_row_loss),
+// then grad block by block from the loss and s_pos.
 Result run_blocks(const Case& c, const std::vector<int64_t>& widths) {
   std::vector<float> s = c.s;
   Result out(c.rows, c.cols);
@@ -81,7 +83,7 @@ Result run_blocks(const Case& c, const std::vector<int64_t>& widths) {
       p.s_pos = out.s_pos.data();
       p.run_max = run_max.data();
       p.run_sum = run_sum.data();
-      p.lse = out.lse.data();
+      p.loss = out.loss.data();
       if (pass == 0) {
         hardneg::hardneg_loss_block_update_cuda(p);
       } else {
@@ -90,8 +92,8 @@ Result run_blocks(const Case& c, const std::vector<int64_t>& widths) {
     }
     if (pass == 0) {
       for (int64_t i = 0; i < c.rows; ++i) {
-        out.lse[i] = run_max[i] + std::log(run_sum[i]);
-        out.loss[i] = out.lse[i] - out.z_pos[i];
+        out.loss[i] = hardneg::hardneg_row_loss(out.z_pos[i], run_max[i], run_sum[i]);
+        out.lse[i] = out.z_pos[i] + out.loss[i];
       }
     }
   }

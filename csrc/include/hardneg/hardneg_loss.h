@@ -35,7 +35,9 @@ struct HardnegLossParams {
   float ega_margin = 0.0f;
 
   // Per-row statistics (rows each): lse = logsumexp_j z_ij, z_pos / s_pos = logit and similarity
-  // of the positive, loss = lse - z_pos. The online kernels keep a running max m and sum l.
+  // of the positive, loss = lse - z_pos computed without cancellation (hardneg_row_loss). The
+  // column-block update keeps a running max and sum over the negatives only (run_max, run_sum;
+  // the caller combines them with z_pos); the block backward reads loss and s_pos.
   float* lse = nullptr;
   float* loss = nullptr;
   float* z_pos = nullptr;

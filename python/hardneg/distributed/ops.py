@@ -29,8 +29,9 @@ Backward (g = grad_output of this rank, scaling this rank's rows):
     dC_k  = sum_r dS_rk^T . Q_r             (sent back to the owner of block k)
 
 Ops (each with a fake and registered autograd; options travel as LossSpec / GroupSpec strings):
-    hardneg::hardneg_loss_ring       -> (loss, stats, kept_logits). Saves lse and s_pos per row
-        and direction, stats (directions, 2, B_r): all backward needs to rebuild P from S, and
+    hardneg::hardneg_loss_ring       -> (loss, stats, kept_logits). Saves the loss L and s_pos per
+        row and direction, stats (directions, 2, B_r): all backward needs to rebuild P from S
+        (lse = z_pos + L; the positive's gradient is expm1(-L) / tau, exact when P_pos ~ 1), and
         the logits of as many blocks as fit keep_logits_bytes (each kept block saves one GEMM in
         backward; the others are recomputed, so memory stays O(chunk) by default).
     hardneg::hardneg_loss_allgather  -> (loss, dq, dc). When the gradient is fused (reduction

@@ -7,10 +7,11 @@ from the saved (lse, s_pos) and the kept or recomputed logits, accumulates dQ_r 
 dS_rk^T . Q_r into a partial dC_k that travels with the blocks and arrives summed at its owner
 after the full circle (a reduce-scatter done by the ring).
 
-    forward, block c:  S_c = Q . C_c^T ;  update(S_c) -> running max m_i, running sum l_i, z_pos_i
-    finish:            lse_i = m_i + log l_i ;  L_i = lse_i - z_pos_i
+    forward, block c:  S_c = Q . C_c^T ;  update(S_c) -> running max m_i and sum l_i of the
+                       negatives' logits, z_pos_i from the block that holds the positive
+    finish:            L_i = row_loss(z_pos_i, m_i, l_i)  (no cancellation on confident rows)
     backward, block c: S_c kept (within keep_logits_bytes) or recomputed;
-                       grad(S_c, lse) -> dS_c in place ; dQ += dS_c . C_c ; dC_c = dS_c^T . Q
+                       grad(S_c, L, s_pos) -> dS_c in place ; dQ += dS_c . C_c ; dC_c = dS_c^T . Q
 
 Legend: K ranks, r this rank, k a block's owner, B_r local rows, N_k candidates and S_k query
 columns of block k (hardneg.distributed.layout), D dim, R rows and C columns of one chunk of S.
@@ -50,6 +51,20 @@ class _Direction:
         if ids is None:
             return None
         return ids[: layout.cands(k)] if self.name == "q->t" else ids[: layout.batch[k]]
+
+
+def row_loss(z_pos: Tensor, m_neg: Tensor, l_neg: Tensor) -> Tensor:
+    """L = log(exp(z_pos) + sum_j exp(z_j)) - z_pos from the negatives' online (max, sum), the
+    kernels' hardneg_row_loss (csrc/include/hardneg/hardneg_loss_math.h) elementwise:
+    log1p(l exp(d)) where the positive leads (d = m - z_pos <= 0), else d + log(l + exp(-d))."""
+    d = m_neg - z_pos
+    leads = d <= 0
+    loss = torch.where(
+        leads,
+        torch.log1p(l_neg * torch.exp(d.clamp(max=0))),
+        d + torch.log(l_neg + torch.exp(-d.clamp(min=0))),
+    )
+    return torch.where(l_neg == 0, torch.zeros_like(loss), loss)
 
 
 def keep_plan(layout: Layout, directions: int, keep_bytes: int) -> tuple[list[list[int]], int]:
@@ -170,7 +185,7 @@ def _ring_chunks(state: _RingState, layout: Layout, step: int, params, target_id
 
 
 def ring_forward(inputs, layout: Layout, transport: Transport, spec: LossSpec, keep_bytes: int):
-    """Loss per local row (B_r,), the per-row statistics (directions, 2, B_r) = (lse, s_pos) that
+    """Loss per local row (B_r,), the per-row statistics (directions, 2, B_r) = (L, s_pos) that
     backward needs, and the kept logits (flat fp32). inputs: (query, target, hard_negatives,
     target_ids, hard_negative_ids) of this rank."""
     query, target_ids = inputs[0], inputs[3]
@@ -208,9 +223,9 @@ def ring_forward(inputs, layout: Layout, transport: Transport, spec: LossSpec, k
             kernels.hardneg_loss_block_update(params)
         handle.wait()
 
-    lse = stats[:, 0] + torch.log(stats[:, 1])  # (directions, B_r)
-    loss_B = (lse - stats[:, 2]).mean(dim=0)  # both directions averaged when symmetric
-    saved = torch.stack([lse, stats[:, 3]], dim=1)  # (directions, 2, B_r): lse, s_pos
+    loss_dB = row_loss(stats[:, 2], stats[:, 0], stats[:, 1])  # (directions, B_r)
+    loss_B = loss_dB.mean(dim=0)  # both directions averaged when symmetric
+    saved = torch.stack([loss_dB, stats[:, 3]], dim=1)  # (directions, 2, B_r): L, s_pos
     return loss_B, saved, kept
 
 
@@ -265,7 +280,7 @@ def ring_backward(
             else:
                 _gemm.mm(direction.rows_BD[r0:r1], c_XD[c0:c1].T, out=s_RC)  # (R, D) x (D, C)
             params.s = s_RC.data_ptr()
-            params.lse = saved[d, 0, r0:].data_ptr()
+            params.loss = saved[d, 0, r0:].data_ptr()
             params.s_pos = saved[d, 1, r0:].data_ptr()
             if row_scale_B is not None:
                 params.row_scale = row_scale_B[r0:].data_ptr()
