@@ -136,6 +136,7 @@ def test_threshold_is_the_fraction_of_a_positive_score():
         (dict(k=1, fn_threshold=math.nan), "fn_threshold must be a number > 0"),
         (dict(k=1, positive_N=torch.tensor([5])), "positive_N holds indices outside [0, 5)"),
         (dict(k=1, positive_N=torch.tensor([0, 1])), "positive_N has shape (2,), expected (1,)"),
+        (dict(k=1, chunk_rows=0), "chunk_rows must be an int >= 1, got 0"),
         (dict(k=1, c_UD=torch.ones(5, 4)), "q_ND (1, 6) and c_UD (5, 4) must be (N, D) and"),
     ],
 )

@@ -205,6 +205,36 @@ def test_k1_writes_single_strings_as_mmeb_train(data, tmp_path):
     assert summary["subsets"][0]["filtered"]["candidates"] == 0
 
 
+def test_flat_jsonl_layout(tmp_path):
+    """The one-file-per-subset layout (root/<Subset>.jsonl) is mirrored as jsonl, keys kept."""
+    root = tmp_path / "flat"
+    root.mkdir()
+    answers = ["red", "green", "blue", "red "]  # "red " duplicates "red"
+    rows = [
+        {
+            "qry": f"What colour is thing {i}?",
+            "qry_image_path": "",
+            "pos_text": a,
+            "pos_image_path": "",
+            "source": f"s{i}",
+        }
+        for i, a in enumerate(answers)
+    ]
+    (root / "Colours.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--model", "tiny", "--data-root", str(root), "--out", str(tmp_path / "o")]
+    _recipe().main(args + ["--k", "3", "--fn-threshold", "inf"])
+    written = [json.loads(line) for line in (tmp_path / "o" / "Colours.jsonl").open()]
+    assert [{k: v for k, v in r.items() if not k.startswith("neg_")} for r in written] == rows
+    for row in written:
+        # The pool is {red, green, blue}: two negatives each, never the positive's colour.
+        assert sorted(row["neg_text"]) == sorted(
+            {"red", "green", "blue"} - {row["pos_text"].strip()}
+        )
+        assert row["neg_image_path"] == ["", ""]
+    ds = MMEBTrainDataset(tmp_path / "o")
+    assert [len(ds[i]["negatives"]) for i in range(len(ds))] == [2, 2, 2, 2]
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

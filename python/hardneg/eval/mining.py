@@ -119,6 +119,8 @@ def mine_negatives(
         raise ValueError(
             f"q_ND {tuple(q_ND.shape)} and c_UD {tuple(c_UD.shape)} must be (N, D) and (U, D)"
         )
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
     N, U = q_ND.shape[0], c_UD.shape[0]
     positive_N = torch.as_tensor(positive_N, dtype=torch.long, device=q_ND.device)
     if positive_N.shape != (N,):
