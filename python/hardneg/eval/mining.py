@@ -57,6 +57,11 @@ FN_THRESHOLD = 0.95
 # Query rows scored at once: a (rows x U) fp32 block, 400 MB for U = 100K (MMEB's largest pools).
 _CHUNK_ROWS = 1024
 SUMMARY_NAME = "mining_summary"
+RULE = (
+    "top-k by cosine, excluding the positive and its duplicates (same text and image) and "
+    "candidates scoring above fn_threshold x the positive's score (TopK-PercPos, NV-Retriever, "
+    "arXiv 2407.15831)"
+)
 
 
 @dataclass
@@ -279,9 +284,7 @@ def mine_mmeb_train(
         "image_root": str(resolve.base) if resolve.base is not None else None,
         "k": k,
         "fn_threshold": fn_threshold,
-        "rule": "top-k by cosine, excluding the positive and its duplicates (same text and image) "
-        "and candidates scoring above fn_threshold x the positive's score (TopK-PercPos, "
-        "NV-Retriever, arXiv 2407.15831)",
+        "rule": RULE,
         "splits": list(splits),
         "subsets": entries,
         "seconds": round(time.perf_counter() - start, 2),
