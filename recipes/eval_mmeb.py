@@ -35,6 +35,7 @@ import torch.distributed as dist
 from hardneg.data.images import ImageLoadError
 from hardneg.eval import evaluate_mmeb, markdown_table, write_similarity
 from hardneg.eval.mmeb import INSTRUCTION_POLICIES, MMEBFormatError
+from hardneg.models import load_embedder
 from hardneg.models.inputs import PROMPT_FORMATS
 
 # Errors of the user's input: reported as one line, not a traceback per rank.
@@ -69,19 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     # bf16 halves memory and time on GPUs; the embedding is returned in fp32 either way.
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     return p.parse_args(argv)
-
-
-def load_embedder(spec: str, device: torch.device, dtype: str, prompt_format: str | None = None):
-    from hardneg.models import Embedder
-
-    override = {"prompt_format": prompt_format} if prompt_format else {}
-    if spec == "tiny" or spec.startswith("tiny:"):
-        embedder = Embedder.tiny(seed=int(spec.partition(":")[2] or 0), **override)
-    else:
-        embedder = Embedder.from_pretrained(spec, config=override)
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    return embedder.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
 def main(argv=None) -> None:

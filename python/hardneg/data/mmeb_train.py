@@ -45,7 +45,14 @@ from hardneg.data.images import (
 )
 from hardneg.data.sampler import TrainBatchSampler
 
-__all__ = ["MMEBTrainDataset", "TrainBatchSampler", "find_subset_files"]
+__all__ = [
+    "MMEBTrainDataset",
+    "TrainBatchSampler",
+    "clean_item",
+    "find_subset_files",
+    "read_rows",
+    "target_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +93,7 @@ def _missing_field(subset: str, path: Path, field: str, present, row: int | None
     )
 
 
-def _read_rows(subset: str, files: Sequence[Path]) -> list[dict]:
+def read_rows(subset: str, files: Sequence[Path]) -> list[dict]:
     """Every row of a subset's files; ValueError naming the subset, file and column when a
     required column is missing."""
     rows: list[dict] = []
@@ -131,6 +138,21 @@ def _strip_if_no_image(text: str | None, image: str | None) -> tuple[str | None,
     if text is None or image is not None or MMEB_IMAGE_PLACEHOLDER not in text:
         return text, 0
     return _none_if_empty(strip_image_placeholder(text)), 1
+
+
+def clean_item(text, image_path) -> tuple[str | None, str | None, int]:
+    """One raw (text, image path) of a row as the reader keeps it: (text, image path, number of
+    placeholders removed), "" and null becoming None, the placeholder removed from a text whose
+    item has no image."""
+    image = _none_if_empty(image_path)
+    text, stripped = _strip_if_no_image(_none_if_empty(text), image)
+    return text, image, stripped
+
+
+def target_key(text: str | None, image_path: str | None) -> tuple[str, str]:
+    """What makes two targets equal (one target id, masked as each other's false negative): the
+    text without surrounding whitespace and the image path, of items cleaned by clean_item."""
+    return (text or "").strip(), image_path or ""
 
 
 def _negatives_of(row: dict, subset: str, r: int) -> list[tuple[str | None, str | None]]:
@@ -236,7 +258,7 @@ class MMEBTrainDataset(Dataset):
     # -- construction ------------------------------------------------------------------------
 
     def _load_subset(self, subset: str, files: list[Path], cap: int | None) -> list[dict]:
-        raw = _read_rows(subset, files)
+        raw = read_rows(subset, files)
         if cap is not None:
             if cap < 0:
                 raise ValueError(f"cap of subset {subset!r} must be >= 0, got {cap}")
@@ -280,8 +302,7 @@ class MMEBTrainDataset(Dataset):
         kept: dict = {"_row": r}
         stripped = 0
         for text_field, image_field in _ITEM_FIELDS:
-            image = _none_if_empty(row.get(image_field))
-            text, n = _strip_if_no_image(_none_if_empty(row.get(text_field)), image)
+            text, image, n = clean_item(row.get(text_field), row.get(image_field))
             kept[text_field], kept[image_field] = text, image
             stripped += n
         kept["negatives"] = []
@@ -310,8 +331,7 @@ class MMEBTrainDataset(Dataset):
             )
 
     def _id_of(self, text: str | None, image_path: str | None) -> int:
-        key = ((text or "").strip(), image_path or "")
-        return self._ids.setdefault(key, len(self._ids))
+        return self._ids.setdefault(target_key(text, image_path), len(self._ids))
 
     def _resolve(self, path: str) -> Path:
         """The file of `path`, or where it should be (under the one chosen image base)."""

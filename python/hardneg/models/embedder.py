@@ -46,6 +46,7 @@ __all__ = [
     "EmbedderConfig",
     "InputBuilder",
     "last_token_pool",
+    "load_embedder",
 ]
 
 # LoRA targets: the attention and MLP projections of the language model only (LLaVE fine-tunes
@@ -310,3 +311,24 @@ def _merged_lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
             value = value + deltas[key].to(value.dtype)
         state[key.replace(".base_layer.", ".")] = value
     return state
+
+
+def load_embedder(
+    spec: str, device: torch.device, dtype: str = "auto", prompt_format: str | None = None
+) -> Embedder:
+    """The embedder a command line names, on `device`, in eval mode.
+
+    spec: a checkpoint folder (Embedder.save_pretrained, or a downloaded llava-hf
+    LLaVA-OneVision checkpoint), or "tiny[:SEED]" for the random tiny model. dtype: "auto"
+    (bfloat16 on CUDA, float32 elsewhere), "float32" or "bfloat16". prompt_format overrides the
+    checkpoint's (inputs.PROMPT_FORMATS)."""
+    override = {"prompt_format": prompt_format} if prompt_format else {}
+    if spec == "tiny" or spec.startswith("tiny:"):
+        embedder = Embedder.tiny(seed=int(spec.partition(":")[2] or 0), **override)
+    else:
+        embedder = Embedder.from_pretrained(spec, config=override)
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+    return embedder.to(device=device, dtype=getattr(torch, dtype)).eval()
