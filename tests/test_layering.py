@@ -66,8 +66,14 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
+# Built by CMake, possibly absent (a build without CUDA has no _C_cuda): modules all the same.
+COMPILED = {"hardneg._C", "hardneg._C_cuda", "hardneg._build_config"}
+
+
 def _is_module(dotted: str) -> bool:
     """A module or package (compiled ones included), not a name defined in one."""
+    if dotted in COMPILED:
+        return True
     try:
         return importlib.util.find_spec(dotted) is not None
     except ModuleNotFoundError:
