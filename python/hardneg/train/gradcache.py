@@ -79,13 +79,6 @@ def _upcast(emb: Tensor) -> Tensor:
     return emb if emb.dtype == torch.float64 else emb.float()
 
 
-def split_rows(n: int, chunk_size: int) -> list[slice]:
-    """[0, n) cut into consecutive slices of chunk_size rows (the last may be shorter)."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return [slice(i, min(n, i + chunk_size)) for i in range(0, n, chunk_size)]
-
-
 def gradcache_step(
     encode: Callable[[object], Tensor],
     streams: dict[str, Sequence[object]],
