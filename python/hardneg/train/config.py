@@ -119,6 +119,10 @@ class LossConfig:
     # Gather negatives from every rank (LLaVE: +4.5 MMEB in its ablation); false keeps each rank's
     # loss local (then every rank sees only its own batch as negatives).
     cross_device: bool = True
+    # A candidate whose target id equals the positive's (the same target text/image repeated in a
+    # batch, frequent in MMEB's classification subsets) is masked as a false negative. LLaVE
+    # keeps such duplicates as negatives (its hardest, at alpha 9): false reproduces that.
+    mask_duplicate_targets: bool = True
 
 
 @dataclass
@@ -133,6 +137,10 @@ class TrainConfig:
     batch_size: int = 32
     # Rows per GradCache chunk; 0 disables GradCache (one forward/backward of the whole batch).
     gradcache_chunk_size: int = 0
+    # Micro-batches of batch_size per optimizer step, each loss weighted 1/A (the update follows the
+    # mean of their gradients). LLaVE: 8 steps of 32-pair losses; more negatives per loss come
+    # from GradCache (a larger batch_size), not from accumulation.
+    grad_accum_steps: int = 1
     epochs: int = 1
     # Stop after this many optimizer steps (0: run the full epochs); the schedule follows it.
     max_steps: int = 0
@@ -186,7 +194,13 @@ _CHOICES = {
     "train.backend": ("auto", "gloo", "nccl"),
     "data.on_missing_image": ("error", "skip"),
 }
-_POSITIVE = ("train.batch_size", "loss.temperature", "train.lr", "checkpoint.keep_last")
+_POSITIVE = (
+    "train.batch_size",
+    "train.grad_accum_steps",
+    "loss.temperature",
+    "train.lr",
+    "checkpoint.keep_last",
+)
 # Strings that name something to read or write: empty is an error, not "unset".
 _NON_EMPTY = ("model.name_or_path", "data.root", "train.output_dir")
 _NON_NEGATIVE = (

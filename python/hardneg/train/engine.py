@@ -160,7 +160,10 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         if opt.get(key) == "auto":
             opt[key] = value
     ds["train_batch_size"] = t.batch_size * dist_util.world_size()
-    ds["gradient_accumulation_steps"] = 1  # GradCache, not accumulation, makes big batches
+    # The step marks DeepSpeed's accumulation boundary itself (set_gradient_accumulation_boundary
+    # on the last backward of GradCache chunks and train.grad_accum_steps micro-batches), and
+    # scales the losses itself: DeepSpeed's own accumulation stays at 1.
+    ds["gradient_accumulation_steps"] = 1
     return ds
 
 

@@ -1,10 +1,14 @@
-"""One optimizer step: embed a ChunkedCollate batch, the loss, its backward, the engine's step.
+"""One optimizer step: embed ChunkedCollate micro-batches, the loss, backward, the engine's step.
 
 Gradient scale. With cross-device negatives the loss is the global loss, identical on every rank,
 and each rank's backward yields d(global loss)/d(its local embeddings); the parameter gradient is
 the SUM of those over ranks. DDP and DeepSpeed AVERAGE gradients over the K ranks, so the loss is
 multiplied by K before backward. With rank-local losses the engine's average is already the mean
 of the K losses, so no factor.
+
+Gradient accumulation (train.grad_accum_steps = A): A micro-batches per step, each loss weighted
+1/A, the engine's reduction (DDP no_sync, DeepSpeed's accumulation boundary) on the last backward of
+the last micro-batch only: the update follows the mean of the A micro-batch losses' gradients.
 
 GradCache (train.gradcache_chunk_size > 0) embeds chunk by chunk (hardneg.train.gradcache); every
 rank runs as many forwards per stream as the rank with the most chunks. Without it, one forward of
@@ -24,22 +28,27 @@ from hardneg.data.collate import STREAMS, ChunkInputs
 from hardneg.train import distributed as dist_util
 from hardneg.train.config import LossConfig, RunConfig
 from hardneg.train.engine import Engine
-from hardneg.train.gradcache import gradcache_step
+from hardneg.train.gradcache import EngineHooks, gradcache_step
 from hardneg.train.metrics import embedding_stats
 
 
 def batch_loss(embs: dict[str, Tensor], ids: dict, cfg: LossConfig, group) -> Tensor:
     """fused_hardneg_loss of one batch's embeddings {stream: (rows, D)} (hard negatives: B*M
-    rows, M per query in order); ids {"target_ids": (B,), "hard_negative_ids": (B, M) | None}."""
+    rows, M per query in order); ids {"target_ids": (B,), "hard_negative_ids": (B, M) | None}.
+
+    cfg.mask_duplicate_targets: the ids go to the loss, which masks a candidate with the
+    positive's id (a repeated target) as a false negative; false passes no ids, so duplicates
+    stay negatives (LLaVE)."""
     q_BD, t_BD = embs["query"], embs["target"]
     h = embs.get("hard_negatives")
     B, D = q_BD.shape
+    mask = cfg.mask_duplicate_targets
     return fused_hardneg_loss(
         q_BD,
         t_BD,
         hard_negatives=None if h is None else h.view(B, -1, D),
-        target_ids=ids["target_ids"],
-        hard_negative_ids=None if h is None else ids["hard_negative_ids"],
+        target_ids=ids["target_ids"] if mask else None,
+        hard_negative_ids=ids["hard_negative_ids"] if mask and h is not None else None,
         mode=cfg.mode,
         temperature=cfg.temperature,
         alpha=cfg.alpha,
@@ -70,9 +79,18 @@ def _encoder(model) -> Callable[[ChunkInputs], Tensor]:
     return encode
 
 
-def train_step(batch: dict, *, engine: Engine, cfg: RunConfig, device: torch.device, group) -> dict:
-    """Forward, loss and backward of one per-rank batch, then the optimizer step; returns this
-    rank's {"loss", "pos_sim", "hardest_neg_sim"}. group: the loss's process group or None."""
+def _micro_step(
+    batch: dict,
+    *,
+    engine: Engine,
+    cfg: RunConfig,
+    device: torch.device,
+    group,
+    factor: float,
+    last: bool,
+) -> dict:
+    """Forward, loss (times factor) and backward of one micro-batch; the engine reduces gradients
+    only when `last`. Returns this rank's {"loss" (unscaled), "pos_sim", "hardest_neg_sim"}."""
     hard_ids = batch["hard_negative_ids"]
     ids = {
         "target_ids": batch["target_ids"].to(device),
@@ -83,14 +101,13 @@ def train_step(batch: dict, *, engine: Engine, cfg: RunConfig, device: torch.dev
         for name in STREAMS
         if batch["chunks"][0][name] is not None
     }
-    # K when the loss is global and the engine averages gradients over K ranks, else 1.
-    scale = (
-        float(dist_util.world_size()) if group is not None and engine.averages_gradients else 1.0
-    )
+    hooks = engine.hooks
+    if not last:
+        hooks = EngineHooks(sync=lambda is_last: engine.hooks.sync(False), backward=hooks.backward)
     encode, forward_context = _encoder(engine.model), autocast(cfg, device)
 
     def loss_fn(embs):
-        return batch_loss(embs, ids, cfg.loss, group) * scale
+        return batch_loss(embs, ids, cfg.loss, group) * factor
 
     if cfg.train.gradcache_chunk_size:
         # Every rank runs as many forwards per stream as the rank with the most chunks.
@@ -100,19 +117,18 @@ def train_step(batch: dict, *, engine: Engine, cfg: RunConfig, device: torch.dev
             encode,
             streams,
             loss_fn,
-            hooks=engine.hooks,
+            hooks=hooks,
             num_forwards=dict(zip(streams, counts, strict=True)),
             autocast=forward_context,
         )
     else:
-        with engine.hooks.sync(True):
+        with hooks.sync(True):
             with forward_context():
                 out = {n: encode(c[0]) for n, c in streams.items()}
             out = {n: e.float() for n, e in out.items()}
             loss = loss_fn(out)
-            engine.hooks.backward(loss)
+            hooks.backward(loss)
         loss, embs = loss.detach(), {n: e.detach() for n, e in out.items()}
-    engine.step()
     stats = embedding_stats(
         embs["query"],
         embs["target"],
@@ -120,4 +136,27 @@ def train_step(batch: dict, *, engine: Engine, cfg: RunConfig, device: torch.dev
         ids["target_ids"],
         ids["hard_negative_ids"],
     )
-    return {"loss": float(loss) / scale, **stats}
+    return {"loss": float(loss) / factor, **stats}
+
+
+def train_step(
+    batches: list[dict], *, engine: Engine, cfg: RunConfig, device: torch.device, group
+) -> dict:
+    """One optimizer step over A = len(batches) micro-batches (train.grad_accum_steps): each
+    one's loss is back-propagated with weight 1/A, so the update follows the mean of the
+    micro-batch losses' gradients; the engine reduces gradients on the last backward only.
+    Returns this rank's metrics averaged over the micro-batches. group: the loss's process group
+    or None."""
+    A = len(batches)
+    # K when the loss is global and the engine averages gradients over K ranks, else 1.
+    global_loss = group is not None and engine.averages_gradients
+    scale = float(dist_util.world_size()) if global_loss else 1.0
+    results = [
+        _micro_step(
+            batch, engine=engine, cfg=cfg, device=device, group=group, factor=scale / A,
+            last=i == A - 1,
+        )
+        for i, batch in enumerate(batches)
+    ]  # fmt: skip
+    engine.step()
+    return {key: sum(r[key] for r in results) / A for key in results[0]}

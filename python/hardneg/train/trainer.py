@@ -1,13 +1,15 @@
 """The LLaVE training loop: data, engine, checkpoints and metrics of a RunConfig, step after step.
 
-One optimizer step = one per-rank batch of `train.batch_size` queries (each with its target and
-`data.num_hard_negatives` hard negatives), run by hardneg.train.step. The loss is
+One optimizer step = `train.grad_accum_steps` per-rank micro-batches of `train.batch_size` queries
+(each with its target and `data.num_hard_negatives` hard negatives), run by hardneg.train.step;
+micro-batches left over at the end of an epoch are skipped. The loss is
 hardneg.fused_hardneg_loss over the whole world's batch when `loss.cross_device` (every rank's
 targets are every query's negatives, LLaVE's cross-device negatives), else over this rank's batch.
 
 Data position. hardneg.data.TrainBatchSampler is a pure function of (seed, epoch): global batches of
 K * batch_size indices, rank r taking the r-th slice of each (so the concatenation of the ranks'
-batches is the global batch, in rank order). A checkpoint stores (epoch, batches done) and resume
+batches is the global batch, in rank order). A checkpoint stores (epoch, micro-batches done, a
+multiple of grad_accum_steps) and resume
 starts the sampler there; the DataLoader has its own generator so creating it mid-epoch draws
 nothing from the global RNG, and the restored RNG states replay the same dropout masks.
 
@@ -62,11 +64,12 @@ class Trainer:
             num_replicas=dist_util.world_size(),
             rank=dist_util.rank(),
         )
-        steps_per_epoch = len(self.sampler)
+        steps_per_epoch = len(self.sampler) // t.grad_accum_steps
         if steps_per_epoch == 0:
             raise ValueError(
-                f"data.root {d.root!r} has {len(self.dataset)} examples: not one global batch of "
-                f"train.batch_size {t.batch_size} x {dist_util.world_size()} ranks"
+                f"data.root {d.root!r} has {len(self.dataset)} examples: not one optimizer step of "
+                f"train.grad_accum_steps {t.grad_accum_steps} x train.batch_size {t.batch_size} x "
+                f"{dist_util.world_size()} ranks"
             )
         self.collate = ChunkedCollate(
             TrainCollator(self.embedder, num_hard_negatives=d.num_hard_negatives),
@@ -84,10 +87,12 @@ class Trainer:
         self.group = dist_util.loss_group() if cfg.loss.cross_device else None
         self.history: list[dict] = []
 
-    def train_step(self, batch: dict) -> dict:
-        """Forward, loss and backward of one per-rank batch, then the optimizer step."""
+    def train_step(self, batches: list[dict] | dict) -> dict:
+        """Forward, loss and backward of this rank's micro-batches (one batch, or the
+        train.grad_accum_steps of one step), then the optimizer step."""
+        batches = [batches] if isinstance(batches, dict) else batches
         return step.train_step(
-            batch, engine=self.engine, cfg=self.cfg, device=self.device, group=self.group
+            batches, engine=self.engine, cfg=self.cfg, device=self.device, group=self.group
         )
 
     # -- checkpoints ---------------------------------------------------------------------
@@ -161,16 +166,20 @@ class Trainer:
             log_every=cfg.train.log_every,
             bar=cfg.train.progress_bar,
         )
-        global_batch = cfg.train.batch_size * dist_util.world_size()
+        samples = cfg.train.batch_size * dist_util.world_size() * cfg.train.grad_accum_steps
         with metrics_log:
             while self.step < self.total_steps:
+                micro: list[dict] = []
                 for batch in self._loader():
+                    micro.append(batch)
+                    if len(micro) < cfg.train.grad_accum_steps:
+                        continue
                     start = time.perf_counter()
-                    metrics = self.train_step(batch)
+                    metrics = self.train_step(micro)
                     self.step += 1
-                    self.batch_in_epoch += 1
+                    self.batch_in_epoch += len(micro)
                     metrics["lr"] = self.engine.lr()
-                    metrics["samples_per_s"] = global_batch / (time.perf_counter() - start)
+                    metrics["samples_per_s"] = samples / (time.perf_counter() - start)
                     metrics["step"] = self.step
                     self.history.append(metrics)
                     metrics_log.record(self.step, metrics)
@@ -179,6 +188,7 @@ class Trainer:
                         self.save_checkpoint()
                     if self.step >= self.total_steps:
                         break
+                    micro = []
                 else:
                     self.epoch += 1
                     self.batch_in_epoch = 0
