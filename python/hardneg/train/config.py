@@ -133,7 +133,7 @@ class TrainConfig:
     engine: str = "ddp"
     # ZeRO config for engine "deepspeed"; its "auto" entries are filled from this config.
     deepspeed_config: str = "recipes/deepspeed/zero3.json"
-    # Queries per rank per optimizer step (each contributes 1 target + num_negatives negatives).
+    # Queries per rank per micro-batch (each brings 1 target + num_hard_negatives hard negatives).
     batch_size: int = 32
     # Rows per GradCache chunk; 0 disables GradCache (one forward/backward of the whole batch).
     gradcache_chunk_size: int = 0
