@@ -130,7 +130,8 @@ def run_arm(arm: dict, args, data: Path) -> dict | None:
     from hardneg.eval import evaluate_mmeb, similarity_analysis
     from hardneg.train import distributed as dist_util
     from hardneg.train.config import load_config
-    from hardneg.train.trainer import Trainer, unwrap
+    from hardneg.train.engine import unwrap
+    from hardneg.train.trainer import Trainer
 
     cfg = load_config(CONFIG, overrides(arm, args, data))
     start = time.perf_counter()

@@ -201,29 +201,31 @@ def test_collator_shapes_order_and_ids(mmeb_root):
     embedder = Embedder.tiny()
     ds = MMEBTrainDataset(mmeb_root, subsets=["ImgCls"])
     ex = [ds[i] for i in range(4)]
-    batch = TrainCollator(embedder, num_negatives=1)(ex)
+    batch = TrainCollator(embedder, num_hard_negatives=1)(ex)
     assert batch["query"]["input_ids"].shape[0] == 4
     assert batch["query"]["pixel_values"].shape[0] == 4
     assert batch["target"]["input_ids"].shape[0] == 4 and "pixel_values" not in batch["target"]
-    assert batch["negatives"]["input_ids"].shape[0] == 4
+    assert batch["hard_negatives"]["input_ids"].shape[0] == 4
     assert batch["target_ids"].tolist() == [e["target_id"] for e in ex]
-    assert batch["negative_ids"].tolist() == [e["negative_ids"] for e in ex]
+    assert batch["hard_negative_ids"].tolist() == [e["negative_ids"] for e in ex]
     assert batch["subsets"] == ["ImgCls"] * 4
-    # Row b of negatives is example b's negative (row-major per query).
+    # Row b of hard_negatives is example b's negative (row-major per query).
     want = embedder.prepare([ex[2]["negatives"][0]], role="target")["input_ids"][0]
-    got = batch["negatives"]["input_ids"][2]
-    assert got[batch["negatives"]["attention_mask"][2].bool()].tolist() == want.tolist()
+    got = batch["hard_negatives"]["input_ids"][2]
+    assert got[batch["hard_negatives"]["attention_mask"][2].bool()].tolist() == want.tolist()
     none = TrainCollator(embedder)(ex)
-    assert none["negatives"] is None and none["negative_ids"] is None
+    assert none["hard_negatives"] is None and none["hard_negative_ids"] is None
 
     caps = MMEBTrainDataset(mmeb_root, subsets=["Caps"])
     ex2 = [caps[0], ds[1]]
-    with pytest.raises(ValueError, match=r"example 0 \(subset Caps row 0\) has 0 negatives"):
-        TrainCollator(embedder, num_negatives=1)(ex2)
-    filled = TrainCollator(embedder, num_negatives=2, missing_negatives="repeat_target")(ex2)
-    assert filled["negatives"]["input_ids"].shape[0] == 4
+    with pytest.raises(ValueError, match=r"example 0 \(subset Caps row 0\) has 0 hard negatives"):
+        TrainCollator(embedder, num_hard_negatives=1)(ex2)
+    filled = TrainCollator(embedder, num_hard_negatives=2, missing_hard_negatives="repeat_target")(
+        ex2
+    )
+    assert filled["hard_negatives"]["input_ids"].shape[0] == 4
     t0 = ex2[0]["target_id"]
-    assert filled["negative_ids"].tolist() == [
+    assert filled["hard_negative_ids"].tolist() == [
         [t0, t0],
         [ex2[1]["negative_ids"][0], ex2[1]["target_id"]],
     ]
@@ -232,13 +234,13 @@ def test_collator_shapes_order_and_ids(mmeb_root):
     embedder.train()
     q = embedder(**batch["query"])
     t = embedder(**batch["target"])
-    h = embedder(**batch["negatives"]).view(4, 1, -1)
+    h = embedder(**batch["hard_negatives"]).view(4, 1, -1)
     loss = hardneg.fused_hardneg_loss(
         q,
         t,
         hard_negatives=h,
         target_ids=batch["target_ids"],
-        hard_negative_ids=batch["negative_ids"],
+        hard_negative_ids=batch["hard_negative_ids"],
     )
     loss.backward()
     assert torch.isfinite(loss)

@@ -11,8 +11,9 @@ import contextlib
 import pytest
 import torch
 from hardneg import fused_hardneg_loss, hardneg_loss_reference
+from hardneg.data.collate import split_rows
 from hardneg.train import gradcache
-from hardneg.train.gradcache import EngineHooks, gradcache_step, split_rows
+from hardneg.train.gradcache import EngineHooks, gradcache_step
 from torch import nn
 
 

@@ -13,9 +13,10 @@ import contextlib
 import pytest
 import torch
 from hardneg import hardneg_loss_reference
+from hardneg.data.collate import split_rows
 from hardneg.models import Embedder
 from hardneg.train import gradcache
-from hardneg.train.gradcache import gradcache_step, split_rows
+from hardneg.train.gradcache import gradcache_step
 from PIL import Image
 
 DROPOUT = 0.2

@@ -8,7 +8,8 @@ import math
 import torch
 from hardneg.models import Embedder
 from hardneg.train.config import load_config
-from hardneg.train.trainer import Trainer, unwrap
+from hardneg.train.engine import unwrap
+from hardneg.train.trainer import Trainer
 
 
 def test_lora_gradient_checkpointing_bf16(mmeb_train_dir, tmp_path):

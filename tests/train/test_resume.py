@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hardneg.train import trainer as trainer_mod
+from hardneg.train import checkpoint as checkpoint_mod
+from hardneg.train import engine as engine_mod
 from hardneg.train.config import load_config
-from hardneg.train.trainer import Trainer, unwrap
+from hardneg.train.engine import unwrap
+from hardneg.train.trainer import Trainer
 
 DROPOUT = 0.1
 
 
 @pytest.fixture(autouse=True)
 def dropout_on(monkeypatch):
-    build = trainer_mod.build_embedder
+    build = engine_mod.build_embedder
 
     def build_with_dropout(cfg):
         embedder = build(cfg)
@@ -24,7 +26,7 @@ def dropout_on(monkeypatch):
                 module.attention_dropout = DROPOUT
         return embedder
 
-    monkeypatch.setattr(trainer_mod, "build_embedder", build_with_dropout)
+    monkeypatch.setattr(engine_mod, "build_embedder", build_with_dropout)
 
 
 def _cfg(root, out, max_steps=6):
@@ -33,7 +35,7 @@ def _cfg(root, out, max_steps=6):
         [
             "--data.root",
             str(root),
-            "--data.num_negatives",
+            "--data.num_hard_negatives",
             "1",
             "--train.output_dir",
             str(out),
@@ -110,7 +112,7 @@ def test_resume_without_rng_restore_differs(mmeb_train_dir, tmp_path, monkeypatc
     out = tmp_path / "run"
     first = Trainer(_cfg(mmeb_train_dir, out, max_steps=4))
     losses = [m["loss"] for m in first.fit()]  # checkpoint at step 3, then step 4
-    monkeypatch.setattr(trainer_mod.ckpt, "load_rng", lambda path: None)
+    monkeypatch.setattr(checkpoint_mod, "load_rng", lambda path: None)
     second = Trainer(_cfg(mmeb_train_dir, out, max_steps=4))
     second.resume(str(out / "checkpoints" / "step_00000003"))
     torch.manual_seed(12345)  # any RNG state other than the saved one

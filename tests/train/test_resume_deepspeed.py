@@ -1,5 +1,6 @@
 """Exact resume under DeepSpeed ZeRO-2 on 2 gloo ranks: engine.save_checkpoint / load_checkpoint
-inside the atomic checkpoint scheme restore model, optimizer, scheduler, RNG and data position."""
+inside the atomic checkpoint scheme restore model, optimizer, scheduler, RNG and data position,
+and every DeepSpeed file is read with torch.load(weights_only=True)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,17 @@ def _cfg(root: str, out: Path):
 
 
 def _worker(rank: int, root: str, tmp: str, out: str) -> None:
+    from hardneg.train import deepspeed_checkpoint
     from hardneg.train.trainer import Trainer
+
+    loaded = []
+    load_weights_only = deepspeed_checkpoint.load_weights_only
+
+    def recording(path, map_location=None):
+        loaded.append(Path(path).name)
+        return load_weights_only(path, map_location=map_location)
+
+    deepspeed_checkpoint.load_weights_only = recording
 
     tmp = Path(tmp)
     straight = [m["global_loss"] for m in Trainer(_cfg(root, tmp / "a")).fit()]
@@ -63,7 +74,8 @@ def _worker(rank: int, root: str, tmp: str, out: str) -> None:
     assert second.resume("auto") and second.step == 2
     resumed = [m["global_loss"] for m in second.fit()]
     if rank == 0:
-        Path(out).write_text(json.dumps({"straight": straight, "resumed": resumed}))
+        result = {"straight": straight, "resumed": resumed, "loaded": loaded}
+        Path(out).write_text(json.dumps(result))
 
 
 @pytest.mark.slow
@@ -73,3 +85,6 @@ def test_deepspeed_resume_reproduces_the_straight_run(mmeb_train_dir, tmp_path):
     got = json.loads(out.read_text())
     assert len(got["straight"]) == 4 and len(set(got["straight"])) == 4
     assert got["resumed"] == got["straight"][2:]
+    # DeepSpeed read its model and ZeRO files through the weights_only loader.
+    assert "mp_rank_00_model_states.pt" in got["loaded"]
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in got["loaded"]

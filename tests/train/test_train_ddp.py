@@ -25,7 +25,7 @@ def _overrides(root: Path, out: Path, batch: int, cross_device: bool) -> list[st
     return [
         "--data.root",
         str(root),
-        "--data.num_negatives",
+        "--data.num_hard_negatives",
         "1",
         "--train.output_dir",
         str(out),
@@ -50,7 +50,8 @@ def _overrides(root: Path, out: Path, batch: int, cross_device: bool) -> list[st
 
 def _first_step_grads(overrides: list[str]) -> tuple[float, dict[str, torch.Tensor]]:
     from hardneg.train.config import load_config
-    from hardneg.train.trainer import Trainer, unwrap
+    from hardneg.train.engine import unwrap
+    from hardneg.train.trainer import Trainer
 
     trainer = Trainer(load_config(None, overrides))
     captured = {}

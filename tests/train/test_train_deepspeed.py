@@ -39,7 +39,7 @@ def test_deepspeed_zero_trains(stage, mmeb_train_dir, tmp_path):
     overrides = [
         "--data.root",
         str(mmeb_train_dir),
-        "--data.num_negatives",
+        "--data.num_hard_negatives",
         "1",
         "--train.output_dir",
         str(run),
@@ -77,7 +77,8 @@ def test_deepspeed_zero_trains(stage, mmeb_train_dir, tmp_path):
 
 def _two_steps(overrides: list[str]) -> dict[str, torch.Tensor]:
     from hardneg.train.config import load_config
-    from hardneg.train.trainer import Trainer, unwrap
+    from hardneg.train.engine import unwrap
+    from hardneg.train.trainer import Trainer
 
     trainer = Trainer(load_config(None, overrides))
     trainer.fit()
@@ -105,7 +106,7 @@ def test_zero2_update_equals_ddp(mmeb_train_dir, tmp_path):
     lr = 1e-3
     common = [
         "--data.root", str(mmeb_train_dir),
-        "--data.num_negatives", "1",
+        "--data.num_hard_negatives", "1",
         "--train.output_dir", str(tmp_path / "run"),
         "--train.batch_size", "4",
         "--train.gradcache_chunk_size", "2",

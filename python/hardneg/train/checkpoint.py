@@ -1,10 +1,18 @@
-"""Atomic training checkpoints and exact resume.
+"""Atomic training checkpoints and exact resume; every file holds only tensors and plain data.
 
 Layout: <output_dir>/checkpoints/step_00000012/ holds everything needed to continue bit for bit:
-  model.safetensors, optimizer.pt, scheduler.pt   (DDP / single process; rank 0 writes them)
-  deepspeed/                                      (engine "deepspeed": engine.save_checkpoint)
-  rng_rank{r}.pt                                  (python, numpy, torch CPU and CUDA RNG per rank)
-  trainer_state.json                              (step, data position; written last)
+  model.safetensors                         (DDP / single process; rank 0 writes it)
+  optimizer.{safetensors,json}              (DDP / single process: AdamW state, see safe_state)
+  scheduler.{safetensors,json}              (DDP / single process: LambdaLR state)
+  deepspeed/                                (engine "deepspeed": engine.save_checkpoint's files)
+  rng_rank{r}.{safetensors,json}            (python, numpy, torch CPU and CUDA RNG per rank)
+  trainer_state.json                        (step, data position; written last)
+
+Nothing of ours is a pickle: loading a checkpoint folder from elsewhere runs no code from it (a
+pickle in place of one of these files is refused, naming the file). DeepSpeed's own files under
+deepspeed/ are torch.save pickles; they are read through a checkpoint engine that calls
+torch.load(weights_only=True) with the few plain DeepSpeed types they hold allowed
+(hardneg.train.deepspeed_checkpoint), so a pickle carrying anything else is refused too.
 
 Atomicity: a checkpoint is written into a temporary directory in the same parent
 (.tmp-step_...), every file is fsync'ed, then the directory is renamed into place with os.replace
@@ -26,8 +34,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_model, save_model
 
 from hardneg.train import distributed as dist_util
+from hardneg.train.engine import Engine, unwrap
+from hardneg.train.safe_state import load_state, save_state
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -156,15 +167,46 @@ def read_state(path: Path) -> dict:
 
 
 def save_rng(path: Path) -> None:
-    torch.save(capture_rng(), path / f"rng_rank{dist_util.rank()}.pt")
+    save_state(capture_rng(), path / f"rng_rank{dist_util.rank()}")
 
 
 def load_rng(path: Path) -> None:
-    file = path / f"rng_rank{dist_util.rank()}.pt"
-    if not file.is_file():
+    stem = path / f"rng_rank{dist_util.rank()}"
+    if not stem.with_suffix(".json").is_file() and not stem.with_suffix(".pt").is_file():
         raise FileNotFoundError(
-            f"{file} is missing: the checkpoint was written by a run with fewer ranks; "
+            f"{stem}.json is missing: the checkpoint was written by a run with fewer ranks; "
             "resume with the same world size"
         )
-    # Our own file: it holds python / numpy RNG tuples, which weights_only cannot unpickle.
-    restore_rng(torch.load(file, weights_only=False))
+    restore_rng(load_state(stem))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimizer and scheduler of an engine
+# ---------------------------------------------------------------------------------------------
+
+
+def save_training_state(tmp: Path, engine: Engine) -> None:
+    """Every rank: the engine's model, optimizer and scheduler state, and this rank's RNG."""
+    if engine.is_deepspeed:
+        engine.model.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+    elif dist_util.is_main():
+        save_model(unwrap(engine.model), str(tmp / "model.safetensors"))
+        save_state(engine.optimizer.state_dict(), tmp / "optimizer")
+        save_state(engine.scheduler.state_dict(), tmp / "scheduler")
+    save_rng(tmp)
+
+
+def load_training_state(path: Path, engine: Engine, device: torch.device) -> None:
+    """Every rank: restore what save_training_state wrote (RNG last)."""
+    if engine.is_deepspeed:
+        engine.model.load_checkpoint(
+            str(path / "deepspeed"),
+            tag="state",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+    else:
+        load_model(unwrap(engine.model), str(path / "model.safetensors"), device=str(device))
+        engine.optimizer.load_state_dict(load_state(path / "optimizer"))
+        engine.scheduler.load_state_dict(load_state(path / "scheduler"))
+    load_rng(path)

@@ -4,7 +4,8 @@ A run is described by one `RunConfig`. It is read from YAML (`load_config`), eve
 reference environment variables as ``${NAME}`` or ``${NAME:-default}`` (so model ids and data roots
 stay out of the files), and `--section.key value` overrides are applied on top. Every key and every
 value is checked against the dataclass annotations: an unknown key or a value of the wrong type
-raises ConfigError naming the dotted key and the value. The resolved config is written to the
+raises ConfigError naming the dotted key and the value (hardneg.train.typed_yaml does the checking;
+this file holds the knobs and their meaning). The resolved config is written to the
 output directory with every run (`save_config`), so a run can be repeated from its own folder.
 
 Relative paths are relative to the directory the command runs in (the repository root in the
@@ -15,20 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from hardneg._constants import ALPHA, EGA_BETA, EGA_MARGIN, MODES, TEMPERATURE
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the dotted key and the value."""
+from hardneg.train.typed_yaml import (
+    ConfigError,
+    build,
+    expand_env,
+    fix_yaml_floats,
+    merge,
+    parse_overrides,
+)
 
 
 @dataclass
@@ -97,7 +98,7 @@ class DataConfig:
     # then share the query's task. Off in LLaVE (mixed batches).
     same_subset: bool = False
     # Explicit hard negatives per query taken from the rows' neg_text / neg_image_path.
-    num_negatives: int = 0
+    num_hard_negatives: int = 0
     # DataLoader worker processes per rank (image decode + processor); 0 runs them inline.
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -118,6 +119,10 @@ class LossConfig:
     # Gather negatives from every rank (LLaVE: +4.5 MMEB in its ablation); false keeps each rank's
     # loss local (then every rank sees only its own batch as negatives).
     cross_device: bool = True
+    # A candidate whose target id equals the positive's (the same target text/image repeated in a
+    # batch, frequent in MMEB's classification subsets) is masked as a false negative. LLaVE
+    # keeps such duplicates as negatives (its hardest, at alpha 9): false reproduces that.
+    mask_duplicate_targets: bool = True
 
 
 @dataclass
@@ -128,10 +133,14 @@ class TrainConfig:
     engine: str = "ddp"
     # ZeRO config for engine "deepspeed"; its "auto" entries are filled from this config.
     deepspeed_config: str = "recipes/deepspeed/zero3.json"
-    # Queries per rank per optimizer step (each contributes 1 target + num_negatives negatives).
+    # Queries per rank per micro-batch (each brings 1 target + num_hard_negatives hard negatives).
     batch_size: int = 32
     # Rows per GradCache chunk; 0 disables GradCache (one forward/backward of the whole batch).
     gradcache_chunk_size: int = 0
+    # Micro-batches of batch_size per optimizer step, each loss weighted 1/A (the update follows the
+    # mean of their gradients). LLaVE: 8 steps of 32-pair losses; more negatives per loss come
+    # from GradCache (a larger batch_size), not from accumulation.
+    grad_accum_steps: int = 1
     epochs: int = 1
     # Stop after this many optimizer steps (0: run the full epochs); the schedule follows it.
     max_steps: int = 0
@@ -185,7 +194,15 @@ _CHOICES = {
     "train.backend": ("auto", "gloo", "nccl"),
     "data.on_missing_image": ("error", "skip"),
 }
-_POSITIVE = ("train.batch_size", "loss.temperature", "train.lr", "checkpoint.keep_last")
+_POSITIVE = (
+    "train.batch_size",
+    "train.grad_accum_steps",
+    "loss.temperature",
+    "train.lr",
+    "checkpoint.keep_last",
+)
+# Strings that name something to read or write: empty is an error, not "unset".
+_NON_EMPTY = ("model.name_or_path", "data.root", "train.output_dir")
 _NON_NEGATIVE = (
     "train.gradcache_chunk_size",
     "train.max_steps",
@@ -193,180 +210,11 @@ _NON_NEGATIVE = (
     "train.weight_decay",
     "train.warmup_ratio",
     "train.max_grad_norm",
-    "data.num_negatives",
+    "data.num_hard_negatives",
     "data.num_workers",
     "data.cap_per_subset",
     "checkpoint.every_steps",
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# Type checking of one value against an annotation
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_value(key: str, value: Any, tp: Any) -> Any:
-    """Return value converted to tp (int -> float only) or raise ConfigError naming key."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arm in typing.get_args(tp):
-            if arm is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _check_value(key, value, arm)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} matches none of {tp}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r} ({type(value).__name__})")
-        (arm,) = typing.get_args(tp)
-        return [_check_value(f"{key}[{i}]", v, arm) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r} ({type(value).__name__})")
-        k_tp, v_tp = typing.get_args(tp)
-        return {
-            _check_value(f"{key} key", k, k_tp): _check_value(f"{key}.{k}", v, v_tp)
-            for k, v in value.items()
-        }
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be a bool, got {value!r} ({type(value).__name__})")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an int, got {value!r} ({type(value).__name__})")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a float, got {value!r} ({type(value).__name__})")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r} ({type(value).__name__})")
-        return value
-    raise AssertionError(f"unsupported annotation {tp} for {key}")
-
-
-def _fields(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _build(cls, data: dict, prefix: str):
-    """Instantiate dataclass cls from a (possibly partial) mapping, checking every key."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
-    hints = _fields(cls)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        key = f"{prefix}{unknown[0]}"
-        raise ConfigError(
-            f"unknown config key {key!r} (known under {prefix or '.'}: {sorted(hints)})"
-        )
-    kwargs = {}
-    for name, tp in hints.items():
-        if name not in data:
-            continue
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name] or {}, f"{key}.")
-        else:
-            kwargs[name] = _check_value(key, data[name], tp)
-    return cls(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Environment substitution and overrides
-# ---------------------------------------------------------------------------------------------
-
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _expand_env(value: Any, key: str) -> Any:
-    if isinstance(value, dict):
-        return {k: _expand_env(v, f"{key}.{k}" if key else k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_env(v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if not isinstance(value, str):
-        return value
-
-    def sub(m: re.Match) -> str:
-        name, default = m.group(1), m.group(2)
-        if name in os.environ:
-            return os.environ[name]
-        if default is not None:
-            return default
-        raise ConfigError(
-            f"{key} = {value!r} needs environment variable {name} (set it, or override {key})"
-        )
-
-    return _ENV_RE.sub(sub, value)
-
-
-def parse_overrides(args: list[str]) -> dict:
-    """["--train.lr", "1e-5", "--loss.symmetric=false"] -> {"train": {"lr": 1e-5}, ...}.
-
-    Values are parsed as YAML scalars/flow collections (1e-5 -> float, [a, b] -> list)."""
-    nested: dict = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"override {arg!r} must look like --section.key VALUE")
-        if "=" in arg:
-            key, raw = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"override {arg!r} has no value")
-            key, raw = arg[2:], args[i + 1]
-            i += 2
-        value = _yaml_scalar(raw)
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key!r} conflicts with an earlier override")
-        node[parts[-1]] = value
-    return nested
-
-
-def _yaml_scalar(raw: str) -> Any:
-    # YAML 1.1 reads "1e-5" as a string (it wants "1.0e-5"); accept what people type.
-    try:
-        return (
-            float(raw)
-            if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", raw)
-            else yaml.safe_load(raw)
-        )
-    except yaml.YAMLError:
-        return raw
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _fix_yaml_floats(value: Any) -> Any:
-    # Same YAML 1.1 quirk inside files: "lr: 1e-5" arrives as a string.
-    if isinstance(value, dict):
-        return {k: _fix_yaml_floats(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_fix_yaml_floats(v) for v in value]
-    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
-        return float(value)
-    return value
 
 
 def _validate(cfg: RunConfig) -> None:
@@ -383,6 +231,14 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be > 0, got {value!r}")
         if key in _NON_NEGATIVE and value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    for key in _NON_EMPTY:
+        section, name = key.split(".")
+        if not flat[section][name].strip():
+            raise ConfigError(f"{key} must not be empty, got {flat[section][name]!r}")
+    if cfg.train.engine == "deepspeed" and not cfg.train.deepspeed_config.strip():
+        raise ConfigError(
+            "train.deepspeed_config must name a JSON file when train.engine is deepspeed"
+        )
     if len(cfg.train.adam_betas) != 2:
         raise ConfigError(f"train.adam_betas must hold 2 floats, got {cfg.train.adam_betas!r}")
     if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
@@ -393,22 +249,62 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | dict | No
     """Read a YAML config (None: all defaults), apply overrides, check it; returns RunConfig."""
     raw: dict = {}
     if path is not None:
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     if overrides:
         extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
-        raw = _merge(raw, extra)
-    cfg = _build(RunConfig, _expand_env(_fix_yaml_floats(raw), ""), "")
+        raw = merge(raw, extra)
+    cfg = build(RunConfig, expand_env(fix_yaml_floats(raw), ""), "")
     _validate(cfg)
     return cfg
 
 
+def check_paths(cfg: RunConfig) -> None:
+    """The inputs a run reads and nothing creates exist; raises ConfigError naming key and path.
+
+    The model folder (unless "tiny"), the DeepSpeed JSON (engine deepspeed), and data.root and
+    eval.root unless the synthetic set will be generated into them."""
+    model = cfg.model.name_or_path
+    if model != "tiny" and not Path(model).is_dir():
+        raise ConfigError(f"model.name_or_path: no model at {model!r}")
+    if cfg.train.engine == "deepspeed" and not Path(cfg.train.deepspeed_config).is_file():
+        raise ConfigError(f"train.deepspeed_config: no file at {cfg.train.deepspeed_config!r}")
+    if cfg.data.synthetic.generate_if_missing:
+        return
+    if not Path(cfg.data.root).exists():
+        raise ConfigError(f"data.root: no data at {cfg.data.root!r}")
+    if cfg.eval.root and not Path(cfg.eval.root).is_dir():
+        raise ConfigError(f"eval.root: no data at {cfg.eval.root!r} (empty skips the evaluation)")
+
+
 def to_dict(cfg) -> dict:
+    """The config as nested plain dicts (what save_config writes)."""
     return dataclasses.asdict(cfg)
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (environment variables expanded, overrides applied) as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LossConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "check_paths",
+    "load_config",
+    "parse_overrides",
+    "save_config",
+    "to_dict",
+]

@@ -1,8 +1,13 @@
-"""Process-group helpers for torchrun (single or multi node): init, rank queries, reductions.
+"""Process-group helpers for torchrun (single or multi node) and the training layer's collectives.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them the run is a
 single process and no process group is created (every helper then degrades to the local case).
 Backend: nccl when the run uses CUDA, gloo on CPU.
+
+One rule for collectives: every collective of hardneg.train goes through this module, and its
+tensors are moved to the device the process group's backend serves (`comm_device`) and back. An
+NCCL-only group has no backend for CPU tensors, so a CPU scalar handed to all_reduce under NCCL
+would raise; gloo serves CPU tensors.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+
+_REDUCE_OPS = {"sum": "SUM", "mean": "SUM", "max": "MAX", "min": "MIN"}
 
 
 def is_distributed() -> bool:
@@ -68,45 +75,64 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
-def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Reduce a tensor over all ranks (out of place); op: "sum", "mean", "max" or "min"."""
-    if not is_distributed():
-        return value.clone()
-    out = value.detach().clone()
-    red = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM}.get(op)
-    red = red or {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
-    dist.all_reduce(out, op=red)
-    return out / world_size() if op == "mean" else out
-
-
-def all_reduce_int(value: int, op: str = "max", *, device: torch.device | None = None) -> int:
-    t = torch.tensor([value], dtype=torch.int64, device=device or _comm_device())
-    return int(all_reduce(t, op).item())
-
-
-def broadcast_object(obj, src: int = 0):
-    """Rank src's Python object on every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def loss_group():
     """The process group the loss gathers negatives over: the whole world, or None when alone."""
     return dist.group.WORLD if is_distributed() and world_size() > 1 else None
 
 
-def _comm_device() -> torch.device:
-    if is_distributed() and dist.get_backend() == "nccl":
+# ---------------------------------------------------------------------------------------------
+# Collectives (the only ones hardneg.train issues)
+# ---------------------------------------------------------------------------------------------
+
+
+def served_device_types(group=None) -> list[str]:
+    """Device types ("cpu", "cuda", ...) the backend of `group` (default: world) moves tensors of.
+
+    dist.get_backend names one backend ("gloo", "nccl") or device:backend pairs
+    ("cpu:gloo,cuda:nccl"); a single backend serves the devices torch maps to it."""
+    backend = str(dist.get_backend(group))
+    if ":" in backend:
+        return [pair.split(":")[0] for pair in backend.split(",")]
+    mapping = dist.Backend.default_device_backend_map
+    return [device for device, name in mapping.items() if name == backend]
+
+
+def comm_device(group=None) -> torch.device:
+    """The device whose tensors the group's backend moves: cpu when it serves CPU tensors (gloo),
+    else this process's current accelerator (nccl: cuda:current_device())."""
+    if not is_distributed():
+        return torch.device("cpu")
+    types = served_device_types(group)
+    if "cpu" in types:
+        return torch.device("cpu")
+    if "cuda" in types:
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    raise RuntimeError(f"process group backend {dist.get_backend(group)!r} serves no CPU or CUDA")
+
+
+def to_comm_device(value: torch.Tensor, group=None) -> torch.Tensor:
+    """A private copy of value on comm_device(group), ready to be reduced in place."""
+    return value.detach().to(comm_device(group), copy=True)
+
+
+def all_reduce(value: torch.Tensor, op: str = "sum", *, group=None) -> torch.Tensor:
+    """Reduce a tensor over the ranks of group (out of place; the result is on value's device).
+
+    op: "sum", "mean", "max" or "min". The reduction runs on comm_device(group)."""
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
+    if not is_distributed():
+        return value.detach().clone()
+    work = to_comm_device(value, group)
+    dist.all_reduce(work, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=group)
+    if op == "mean":
+        work = work / dist.get_world_size(group)
+    return work.to(value.device)
+
+
+def barrier(group=None) -> None:
+    if is_distributed():
+        dist.barrier(group=group)
 
 
 @contextmanager

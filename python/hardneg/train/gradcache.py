@@ -4,8 +4,9 @@ The loss couples every row of the batch, so it cannot be accumulated chunk by ch
 B x D embeddings, is tiny. GradCache (Gao et al., 2021, "Scaling Deep Contrastive Learning Batch
 Size under Memory Limited Setup") therefore splits the step in three:
 
-  1. embed: every chunk of every stream (queries, targets, negatives) runs forward under no_grad;
-     the CPU and CUDA RNG states are saved before each chunk, the embeddings are kept (B x D).
+  1. embed: every chunk of every stream (queries, targets, hard negatives) runs forward under
+     no_grad; the CPU and CUDA RNG states are saved before each chunk, the embeddings are kept
+     (B x D).
   2. loss: the loss runs on the cached embeddings (leaf tensors), and its backward gives
      dL/d(embedding) for every row; nothing of the model is in that graph.
   3. replay: each chunk runs forward again with grad under its saved RNG state (dropout draws the
@@ -79,13 +80,6 @@ def _upcast(emb: Tensor) -> Tensor:
     return emb if emb.dtype == torch.float64 else emb.float()
 
 
-def split_rows(n: int, chunk_size: int) -> list[slice]:
-    """[0, n) cut into consecutive slices of chunk_size rows (the last may be shorter)."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return [slice(i, min(n, i + chunk_size)) for i in range(0, n, chunk_size)]
-
-
 def gradcache_step(
     encode: Callable[[object], Tensor],
     streams: dict[str, Sequence[object]],
@@ -98,7 +92,7 @@ def gradcache_step(
     """One GradCache step: accumulate d(loss)/d(params) into .grad; returns (loss, embeddings).
 
     encode(chunk) -> (C, D) embeddings of one chunk of model inputs (any object the encoder
-    takes). streams maps a name ("query", "target", "negatives") to its chunks, in row order.
+    takes). streams maps a name ("query", "target", "hard_negatives") to its chunks, in row order.
     loss_fn(embeddings) gets {name: (B, D) fp32 leaf tensor} and returns the scalar to
     back-propagate (already scaled for the engine's gradient averaging). num_forwards[name]
     (>= len(chunks)) is the number of forwards every rank runs for that stream: the missing ones
