@@ -8,7 +8,7 @@ Every GPU of a node (each rank embeds a shard of the distinct items, rank 0 mine
         --data-root MMEB-train --out MMEB-train-mined --k 4 --subsets MSCOCO_t2i,CIRR
 Then train with the mined negatives (images stay where they are):
     torchrun ... recipes/train_llave.py --config CONFIG --data.root MMEB-train-mined \
-        --data.image_root MMEB-train --data.num_negatives 4
+        --data.image_root MMEB-train --data.num_hard_negatives 4
 
 Per subset, the queries and the subset's distinct positives (the candidate pool) are embedded once
 (cached under --cache-dir, so a rerun embeds only what is missing); each row gets the k

@@ -166,9 +166,10 @@ def test_training_reader_returns_the_mined_negatives(data, mined):
             assert item["text"] == (text or None) and (item["image"] is None) == (path == "")
     with_negatives = [ex for ex in examples if ex["negatives"]]
     assert with_negatives
-    batch = TrainCollator(Embedder.tiny(), num_negatives=1)(with_negatives)
-    assert batch["negatives"]["input_ids"].shape[0] == len(with_negatives)
-    assert batch["negative_ids"][:, 0].tolist() == [ex["negative_ids"][0] for ex in with_negatives]
+    batch = TrainCollator(Embedder.tiny(), num_hard_negatives=1)(with_negatives)
+    assert batch["hard_negatives"]["input_ids"].shape[0] == len(with_negatives)
+    want_ids = [ex["negative_ids"][0] for ex in with_negatives]
+    assert batch["hard_negative_ids"][:, 0].tolist() == want_ids
     assert _digests(data) == before  # the originals are untouched
 
 
@@ -297,7 +298,7 @@ def test_training_on_mined_negatives(data, tmp_path):
     overrides = {
         "data.root": mined,
         "data.image_root": data,
-        "data.num_negatives": 1,
+        "data.num_hard_negatives": 1,
         "data.synthetic.generate_if_missing": "false",
         "train.output_dir": run,
         "train.batch_size": 4,
@@ -321,4 +322,4 @@ def test_training_on_mined_negatives(data, tmp_path):
         loss = float(line.split(" loss ")[1].split()[0])
         assert math.isfinite(loss) and loss > 0
     assert (run / "final" / "config.json").is_file()
-    assert "num_negatives: 1" in (run / "config.yaml").read_text()
+    assert "num_hard_negatives: 1" in (run / "config.yaml").read_text()

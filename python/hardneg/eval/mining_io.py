@@ -236,8 +236,9 @@ def markdown_summary(summary: dict, out: Path) -> str:
     lines += [
         "",
         "Scores are cosines (means shown; mining_summary.json has the distributions). Train on it "
-        f"with `--data.root {out} --data.image_root {image_root} --data.num_negatives N`, N at "
-        "most the fewest negatives of a row (the '< k' and 'none' columns count the rows short).",
+        f"with `--data.root {out} --data.image_root {image_root} --data.num_hard_negatives N`, "
+        "N at most the fewest negatives of a row (the '< k' and 'none' columns count the rows "
+        "short).",
         "",
     ]
     return "\n".join(lines)

@@ -60,6 +60,10 @@ class ModelConfig:
     # path or model id handed to Embedder.from_pretrained (use ${MODEL} to keep paths out of files).
     name_or_path: str = "tiny"
     tiny_seed: int = 0
+    # How texts are wrapped for embedding (hardneg.models.inputs): "hardneg" (no system turn, the
+    # assistant turn's opening pooled) or "llave" (LLaVE's exact system + user + assistant prompt
+    # and pooled token, as its released code embeds). Saved with the exported model.
+    prompt_format: str = "hardneg"
     # Weights' dtype at load. float32 for DDP (bf16 autocast computes, AdamW updates fp32 master
     # weights); bfloat16 under DeepSpeed bf16, which keeps its own fp32 master copy, halves the
     # memory of loading a 7B model.
@@ -188,6 +192,7 @@ class RunConfig:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
+    "model.prompt_format": ("hardneg", "llave"),
     "loss.mode": MODES,
     "train.engine": ("ddp", "deepspeed"),
     "train.precision": ("bf16", "fp32"),

@@ -31,9 +31,10 @@ def build_embedder(cfg: RunConfig) -> Embedder:
     m = cfg.model
     dtype = getattr(torch, m.dtype)
     if m.name_or_path == "tiny":
-        embedder = Embedder.tiny(seed=m.tiny_seed).to(dtype)
+        embedder = Embedder.tiny(seed=m.tiny_seed, prompt_format=m.prompt_format).to(dtype)
     else:
-        embedder = Embedder.from_pretrained(m.name_or_path, dtype=dtype)
+        config = {"prompt_format": m.prompt_format}
+        embedder = Embedder.from_pretrained(m.name_or_path, dtype=dtype, config=config)
     if m.lora.enabled:
         embedder.add_lora(
             r=m.lora.r,
