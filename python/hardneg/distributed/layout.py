@@ -12,6 +12,7 @@ the group up here.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,11 @@ from hardneg._constants import MODES, REDUCTIONS
 from hardneg._schedule import candidate_ids
 from hardneg._spec import FLOAT_DTYPES, LossSpec
 
-_GROUPS: dict[str, dist.ProcessGroup] = {}
+# Weak values: a process group must die with destroy_process_group. Kept alive here, a gloo
+# group's worker threads outlive it into interpreter teardown, where one still releasing a
+# finished work's tensors must take the GIL, is made to exit instead, and the forced unwind aborts
+# the process ("terminate called without an active exception").
+_GROUPS: weakref.WeakValueDictionary[str, dist.ProcessGroup] = weakref.WeakValueDictionary()
 
 
 def register_group(group: dist.ProcessGroup) -> str:

@@ -48,6 +48,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+# Imported with hardneg, i.e. normally before init_process_group, on purpose: this torch module
+# binds `group.WORLD` as a default argument value when first imported, and the first call of any
+# torch.library custom op (ours below) imports it through torch._dynamo. Imported only then, it
+# would hold the default process group for the life of the process: destroy_process_group could
+# not free it, and a gloo group's worker threads would run on into interpreter teardown, where
+# one still releasing a finished work's tensors aborts the process (layout._GROUPS says how).
+import torch.distributed.nn.functional  # noqa: F401
 from torch import Tensor
 
 from hardneg import _finite, _schedule

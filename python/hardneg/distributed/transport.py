@@ -14,12 +14,27 @@ threads move them in the background of the caller's GEMM.
 
 Every rank of the group must call exchange() in the same order with matching sizes: the ring's
 schedule guarantees that, and the receive buffers' sizes come from the sizes exchanged up front.
+Every handle is waited before the ring returns: nothing is left in flight between calls.
+
+The NCCL communicator's life (one per process group and device, _CommRegistry):
+- created on first use by the ranks of the group only: group rank 0's ncclUniqueId is broadcast
+  over the group itself (torch.distributed.new_group would be a collective of the whole world,
+  which hangs when the group is a proper subgroup);
+- made for the tensors' device, whichever device is current, and ordered against that device's
+  current stream;
+- destroyed when its group is destroyed (the next use of any communicator finds it unregistered)
+  or freed, on release_comms(), and at exit by an atexit hook while the interpreter is whole. A
+  re-created default group (same name, new group) gets a new communicator.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
+import threading
+import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -90,8 +105,6 @@ class TorchTransport:
 # hardneg's NCCL communicator
 # ---------------------------------------------------------------------------------------------
 
-_NCCL_COMMS: dict[str, object] = {}
-
 
 def _nccl_loaded() -> bool:
     try:
@@ -127,50 +140,165 @@ def nccl_available() -> bool:
     return build_info()["nccl"] and torch.cuda.is_available()
 
 
-def _cpu_group_for(group: dist.ProcessGroup) -> dist.ProcessGroup:
-    """A gloo group over the ranks of `group` to broadcast the ncclUniqueId on. Creating it is a
-    collective over the default group (torch.distributed.new_group's rule), done once per group."""
-    if dist.get_backend(group) == "gloo":
-        return group
-    ranks = dist.get_process_group_ranks(group)
-    return dist.new_group(ranks, backend="gloo")
+def _registered(group: dist.ProcessGroup) -> bool:
+    """False once destroy_process_group has removed `group` from torch's registry."""
+    try:
+        dist.get_backend(group)
+    except (ValueError, RuntimeError, KeyError):
+        return False
+    return True
+
+
+def _close(comm) -> None:
+    """Ends a communicator now, while the interpreter is alive: its destroy() (abort() if that
+    fails) where the extension provides them; dropping the last reference then frees the C++
+    object, whose destructor also destroys the ncclComm_t, stream and events."""
+    destroy = getattr(comm, "destroy", None)
+    if destroy is None:
+        return
+    try:
+        destroy()
+    except RuntimeError as err:
+        abort = getattr(comm, "abort", None)
+        if abort is not None:
+            abort()
+        warnings.warn(
+            f"hardneg: NCCL communicator destroy failed ({err}); aborted it", stacklevel=2
+        )
+
+
+def _close_all(comms: dict) -> None:
+    for comm in comms.values():
+        _close(comm)
+    comms.clear()
+
+
+class _CommRegistry:
+    """hardneg's NCCL communicators, one per (process group, device), living no longer than
+    their group: an entry goes when the group object is freed (weak key), when a later lookup
+    finds the group destroyed (destroy_process_group unregisters it; a re-created default group is
+    another object and gets a new communicator), on release(), and at interpreter exit (atexit,
+    while the interpreter is still whole, never from a finaliser during its teardown)."""
+
+    def __init__(self) -> None:
+        self._comms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, group: dist.ProcessGroup, device: torch.device, create):
+        """The communicator of (group, device), made by create() on first use."""
+        self.prune()
+        with self._lock:
+            comms = self._comms.get(group)
+            if comms is None:
+                comms = self._comms[group] = {}
+                weakref.finalize(group, _close_all, comms).atexit = False
+            comm = comms.get(device.index)
+        if comm is None:
+            comm = create()  # collective over `group`: outside the lock
+            with self._lock:
+                comms[device.index] = comm
+        return comm
+
+    def prune(self) -> None:
+        """Closes the communicators of every group that has been destroyed."""
+        with self._lock:
+            dead = [g for g in list(self._comms.keys()) if not _registered(g)]
+            closing = [self._comms.pop(g) for g in dead]
+        for comms in closing:
+            _close_all(comms)
+
+    def release(self, group: dist.ProcessGroup | None = None) -> None:
+        """Closes the communicators of `group`, or of every group."""
+        with self._lock:
+            groups = list(self._comms.keys()) if group is None else [group]
+            closing = [self._comms.pop(g) for g in groups if g in self._comms]
+        for comms in closing:
+            _close_all(comms)
+
+
+_COMMS = _CommRegistry()
+atexit.register(_COMMS.release)
+
+
+def release_comms(group: dist.ProcessGroup | None = None) -> None:
+    """Destroys hardneg's NCCL communicators of `group` (all of them when None) now. Optional:
+    they also go with their process group and at interpreter exit."""
+    _COMMS.release(group)
+
+
+def _bootstrap_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
+    """Where the ncclUniqueId is broadcast over `group` itself: the CPU when the group's backend
+    serves CPU tensors (gloo, or a "cpu:gloo,cuda:nccl" group), else the tensors' device."""
+    backend = str(dist.get_backend(group))
+    if ":" in backend:
+        serves_cpu = any(part.split(":")[0] == "cpu" for part in backend.split(","))
+    else:
+        serves_cpu = "cpu" in dist.Backend.backend_capability.get(backend, ())
+    return torch.device("cpu") if serves_cpu else device
+
+
+def _new_comm(group: dist.ProcessGroup, device: torch.device):
+    """A communicator over the ranks of `group` on `device`. Only the ranks of `group` take part:
+    the ncclUniqueId of group rank 0 is broadcast over `group` itself (no new process group,
+    whose creation would be a collective over the whole world)."""
+    cuda = nccl_module()
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    uid = [cuda.nccl_unique_id() if rank == 0 else b""]
+    dist.broadcast_object_list(
+        uid, group_src=0, group=group, device=_bootstrap_device(group, device)
+    )
+    return cuda.NcclComm(uid[0], size, rank, device.index)
+
+
+def _cuda_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"transport 'nccl' needs CUDA tensors, got tensors on {device}")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _check_device(tensors: Sequence[Tensor], name: str, device: torch.device) -> None:
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise ValueError(
+                f"{name}[{i}] is on {t.device} but this NCCL transport serves {device}"
+            )
 
 
 class _NcclHandle:
-    def __init__(self, comm, slot: int, keep: tuple) -> None:
+    def __init__(self, comm, slot: int, device: torch.device, keep: tuple) -> None:
         self._comm = comm
         self._slot = slot
+        self._device = device
         self._keep = keep
 
     def wait(self) -> None:
         if self._comm is not None:
-            self._comm.wait(self._slot, torch.cuda.current_stream().cuda_stream)
+            self._comm.wait(self._slot, torch.cuda.current_stream(self._device).cuda_stream)
             self._comm = None
+            self._keep = ()
 
 
 class NcclTransport:
-    """hardneg's NCCL communicator (one per process group, created on first use and kept for the
-    life of the process; the C++ object destroys its ncclComm_t, stream and events when freed)."""
+    """hardneg's NCCL communicator for tensors on `device` (CUDA): the communicator, its stream
+    and its events live on that device, whichever device is current, and each exchange is
+    ordered against that device's current stream. One communicator per (group, device), shared
+    by every transport of that pair and closed with its group (see _CommRegistry)."""
 
-    def __init__(self, group: dist.ProcessGroup) -> None:
+    def __init__(self, group: dist.ProcessGroup, device) -> None:
+        self.device = _cuda_device(device)
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        key = group.group_name
-        comm = _NCCL_COMMS.get(key)
-        if comm is None:
-            cuda = nccl_module()
-            cpu_group = _cpu_group_for(group)
-            uid = [cuda.nccl_unique_id() if self.rank == 0 else b""]
-            src = dist.get_global_rank(cpu_group, 0)
-            dist.broadcast_object_list(uid, src=src, group=cpu_group, device=torch.device("cpu"))
-            comm = cuda.NcclComm(uid[0], self.world_size, self.rank, torch.cuda.current_device())
-            _NCCL_COMMS[key] = comm
-        self._comm = comm
+        self._comm = _COMMS.get(group, self.device, lambda: _new_comm(group, self.device))
 
     def exchange(
         self, dst: int, sends: Sequence[Tensor], src: int, recvs: Sequence[Tensor]
     ) -> Handle:
-        stream = torch.cuda.current_stream().cuda_stream
+        _check_device(sends, "sends", self.device)
+        _check_device(recvs, "recvs", self.device)
+        stream = torch.cuda.current_stream(self.device).cuda_stream
         slot = self._comm.exchange(
             [(t.data_ptr(), t.numel() * t.element_size()) for t in sends],
             dst,
@@ -180,7 +308,7 @@ class NcclTransport:
         )
         # The caching allocator may hand these blocks to the compute stream once Python drops them;
         # the handle keeps them alive until the compute stream has been made to wait.
-        return _NcclHandle(self._comm, slot, (tuple(sends), tuple(recvs)))
+        return _NcclHandle(self._comm, slot, self.device, (tuple(sends), tuple(recvs)))
 
 
 def make_transport(group: dist.ProcessGroup, device: torch.device, kind: str = "auto") -> Transport:
@@ -191,7 +319,5 @@ def make_transport(group: dist.ProcessGroup, device: torch.device, kind: str = "
     if kind == "auto":
         kind = "nccl" if device.type == "cuda" and nccl_available() else "torch"
     if kind == "nccl":
-        if device.type != "cuda":
-            raise ValueError(f"transport 'nccl' needs CUDA tensors, got tensors on {device}")
-        return NcclTransport(group)
+        return NcclTransport(group, device)
     return TorchTransport(group)
