@@ -4,13 +4,10 @@ inside the atomic checkpoint scheme restore model, optimizer, scheduler, RNG and
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _launch import spawn  # noqa: E402
+from _launch import spawn
 
 REPO = Path(__file__).resolve().parents[2]
 
