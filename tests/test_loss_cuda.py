@@ -10,7 +10,10 @@ error, the same reference run in the input dtype on the GPU, + one fp32 rounding
 logit carried to that output). Low-precision inputs are accumulated in fp32, so their loss is
 also held to plain fp32 and their gradients may differ from the fp32 path's only by the final
 rounding to the input dtype (loss_testing.check_rounding_only). fp32 GEMMs run in IEEE fp32 (no
-TF32), so plain torch's fp32 error is fp32's.
+TF32), so plain torch's fp32 error is fp32's. Against this file's previous rule (2 x plain +
+1e-5 max|truth|, 5.9e-5 nat for the loss) the shared one is tighter for 94 % of the outputs
+(measured with these tests run on CPU tensors) and looser only for a "sum" loss over 257 rows
+and the gradients of B = 7, for the reasons loss_testing gives.
 
 The kernel-level tests compare the CUDA kernels with the CPU kernels (and the column-block
 schedule with the row schedule) on raw similarity blocks, where no plain-torch run exists: their

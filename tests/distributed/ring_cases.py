@@ -128,7 +128,7 @@ def run_case(case: Case, group, device="cpu") -> dict:
         **case.options,
     )
     got = {k: v.cpu() for k, v in got.items()}
-    # The global batch sets the units (a "mean" divides by B), this rank's rows their weights.
+    # The global batch sets the row weight of a "mean" (1 / B), this rank's rows those of "none".
     rule = rule_for(B, local_grad, **case.options)
     # The rotated layout's result, as an op that misplaced the positives would return it.
     rotated = {**inputs, "target": torch.roll(inputs["target"], sizes[0], dims=0)}
