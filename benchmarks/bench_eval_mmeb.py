@@ -3,18 +3,17 @@
 Two MMEB-shaped data sets, written to --work: "Bench-I2T" (1,000 image queries, each listing all
 1,000 labels, ground truth first: classification's shape) and "Bench-T2I" (1,000 caption queries,
 each listing 1,000 of 1,000 images: retrieval's shape). A million candidate slots each, 2,000
-distinct items each. Reports, per data set, the cold run (empty cache: deduplication only), the
-warm run (every embedding from the on-disk cache) and the embedding count without deduplication.
+distinct items each; images and labels are scenes of the synthetic set (hardneg.data.synthetic).
+Reports, per data set, the cold run (empty cache: deduplication only), the warm run (every
+embedding from the on-disk cache) and the embedding count without deduplication.
 
-    python benchmarks/bench_eval_mmeb.py --work /tmp/bench_eval --threads 2
+    python -m benchmarks.bench_eval_mmeb --work /tmp/bench_eval --threads 2
+    python -m benchmarks.bench_eval_mmeb --quick --out /tmp/bench   # 64 x 64: a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import random
 import shutil
 import time
@@ -22,44 +21,27 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from PIL import Image, ImageDraw
+from hardneg.data.synthetic import ALL_SCENES, render
 
-COLOURS = ["red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple", "white", "grey"]
-SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
+from benchmarks import common
+
 T2I_INSTRUCTION = "Find me an everyday image that matches the given caption:"
-RGB = {
-    "red": (220, 30, 30),
-    "green": (30, 200, 40),
-    "blue": (30, 40, 220),
-    "yellow": (230, 220, 30),
-    "magenta": (220, 30, 200),
-    "cyan": (30, 210, 210),
-    "orange": (240, 140, 20),
-    "purple": (120, 30, 160),
-    "white": (245, 245, 245),
-    "grey": (128, 128, 128),
-}
+QUICK_N = 64
 
 
-def _image(path: Path, i: int, rng: random.Random) -> str:
-    img = Image.new("RGB", (32, 32), tuple(rng.randrange(60) for _ in range(3)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(1 + i % 3):
-        x, y, r = rng.randrange(4, 28), rng.randrange(4, 28), rng.randrange(3, 8)
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=RGB[rng.choice(COLOURS)])
-    img.save(path)
+def _image(path: Path, i: int, scene, seed: int) -> str:
+    render(scene, variant=i, seed=seed).save(path)
     return path.name
 
 
 def write_bench(root: Path, n: int = 1000, seed: int = 0) -> None:
     rng = random.Random(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
-    images = [_image(root / "images" / f"img{i:04d}.png", i, rng) for i in range(n)]
-    labels = [
-        f"{c} {s} number {i}"
-        for i, (c, s) in enumerate((rng.choice(COLOURS), rng.choice(SHAPES)) for _ in range(n))
+    scenes = [rng.choice(ALL_SCENES) for _ in range(n)]
+    images = [
+        _image(root / "images" / f"img{i:04d}.png", i, sc, seed) for i, sc in enumerate(scenes)
     ]
+    labels = [f"{sc.caption} number {i}" for i, sc in enumerate(scenes)]
     rows_i2t, rows_t2i = [], []
     for i in range(n):
         others = [j for j in range(n) if j != i]
@@ -87,15 +69,35 @@ def write_bench(root: Path, n: int = 1000, seed: int = 0) -> None:
         pq.write_table(table, root / name / "test-00000-of-00001.parquet")
 
 
+def _markdown(record: dict) -> str:
+    rows = [
+        [name, d["cold_s"], d["warm_s"], d["distinct_items_embedded"], d["items_without_dedup"]]
+        for name, d in record["datasets"].items()
+    ]
+    header = ["data set", "cold s", "warm s", "items embedded", "items without dedup"]
+    lines = common.markdown_header("bench_eval_mmeb: MMEB evaluation", record["machine"])
+    lines += [
+        f"Embedder.tiny, {record['queries']} queries x {record['candidates_per_query']} "
+        f"candidates per data set, batch {record['batch_size']}, {record['threads']} threads. "
+        "cold: empty embedding cache (deduplicated items only); warm: every embedding read "
+        "from the on-disk cache.",
+        "",
+        common.markdown_table(header, rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_output_args(p, f"{QUICK_N} queries x {QUICK_N} candidates (smoke test)")
     p.add_argument("--work", default="/tmp/bench_eval_mmeb")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--output", default=None, help="JSON result (default: print only)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.n = QUICK_N
+    common.pin_threads(args.threads)
     from hardneg.eval import evaluate_mmeb
     from hardneg.models import Embedder
 
@@ -106,9 +108,8 @@ def main() -> None:
     write_s = time.perf_counter() - t0
     embedder = Embedder.tiny(seed=0)
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
-        "torch": torch.__version__,
+        "machine": common.machine_record(),
+        "threads": args.threads,
         "queries": args.n,
         "candidates_per_query": args.n,
         "batch_size": args.batch_size,
@@ -137,10 +138,10 @@ def main() -> None:
             "precision@1": round(r.precision_at_1, 2),
         }
         print(name, result["datasets"][name], flush=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    md = _markdown(result)
+    path = common.write_results("bench_eval_mmeb", result, md, out_dir=args.out)
+    print(md)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,16 @@ Providers, side by side in one run:
   compile        torch.compile(hardneg_loss_reference)
   torch_chunked  the strongest loss a user could write without hardneg: the same row chunks and
                  chunk size, torch elementwise ops (in place where possible), the gradient computed
-                 in the forward the same way (torch_chunked_hardneg_loss below)
+                 in the forward the same way (benchmarks/torch_chunked.py, tested against the
+                 reference by tests/test_torch_chunked.py)
   gemm           the bound: the 3 bare fp32 GEMMs of the same shapes (S = Q C^T; dQ = dS C and
                  dC = dS^T Q), timed in the same rounds
 Modes: forward (under no_grad), backward (backward only, after an untimed forward), full (both).
-Threads: 1 and 2 (torch.set_num_threads; hardneg passes torch.get_num_threads() to OpenMP).
+Threads: 1 and 2 (common.pin_threads; hardneg passes torch.get_num_threads() to OpenMP).
 
     python -m benchmarks.bench_loss                 # full run, writes benchmarks/results/
-    python -m benchmarks.bench_loss --quick         # small shapes, a smoke test of the script
+    python -m benchmarks.bench_loss --quick --out /tmp/bench   # small shapes: a smoke test
+    python -m benchmarks.bench_loss --render benchmarks/results/bench_loss_<machine>_<date>.json
 
 Legend: B queries, M hard negatives per query, N = B + B*M candidates, D embedding dim,
 R rows in a chunk. Suffixes name shapes: q_BD, c_ND, s_RN.
@@ -27,6 +29,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import hardneg
 import torch
@@ -38,6 +41,8 @@ from hardneg.reference import hardneg_loss_reference
 from torch import Tensor
 
 from benchmarks import common
+from benchmarks.bench_loss_report import render_markdown
+from benchmarks.torch_chunked import torch_chunked_hardneg_loss
 
 PROVIDERS = ("hardneg", "reference", "compile", "torch_chunked")
 MODES = ("forward", "backward", "full")
@@ -113,138 +118,6 @@ def make_inputs(shape: Shape, *, seed: int = 0) -> dict:
 
 def loss_kwargs(shape: Shape) -> dict:
     return {"mode": shape.mode, "symmetric": shape.symmetric}
-
-
-# ---------------------------------------------------------------------------------------------
-# The pure-torch row-chunked loss
-# ---------------------------------------------------------------------------------------------
-
-
-def _torch_row_pass(
-    rows_BD: Tensor,
-    cands_ND: Tensor,
-    row_ids_B: Tensor | None,
-    col_ids_N: Tensor | None,
-    opts: dict,
-    chunk_size: int,
-    loss_B: Tensor,
-    grad_scale: float,
-    d_rows_BD: Tensor | None,
-    d_cands_ND: Tensor | None,
-) -> None:
-    """hardneg's row schedule in torch ops: row i's positive is candidate i; writes loss_B and, when
-    d_rows_BD is given, accumulates the gradients of grad_scale * sum(loss)."""
-    B = rows_BD.shape[0]
-    inv_tau = 1.0 / opts["temperature"]
-    c_neg = inv_tau + (opts["alpha"] if opts["mode"] == "llave" else 0.0)
-    ega = opts["mode"] == "ega"
-    for r0 in range(0, B, chunk_size):
-        r1 = min(B, r0 + chunk_size)
-        rr = torch.arange(r1 - r0)
-        pos = torch.arange(r0, r1)
-        s_RN = rows_BD[r0:r1] @ cands_ND.T  # (R, D) x (D, N) -> (R, N)
-        s_pos_R = s_RN[rr, pos]
-        z_pos_R = s_pos_R * inv_tau
-        # ega needs s for its amplification; other modes turn s into z in place.
-        z_RN = s_RN * c_neg if ega else s_RN.mul_(c_neg)
-        if row_ids_B is not None:
-            z_RN.masked_fill_(col_ids_N[None, :] == row_ids_B[r0:r1, None], float("-inf"))
-        z_RN[rr, pos] = z_pos_R
-        lse_R = torch.logsumexp(z_RN, dim=1)
-        torch.sub(lse_R, z_pos_R, out=loss_B[r0:r1])
-        if d_rows_BD is None:
-            continue
-        p_RN = z_RN.sub_(lse_R[:, None]).exp_()
-        if ega:
-            amp_RN = s_RN.sub_(s_pos_R[:, None]).add_(opts["ega_margin"]).clamp_min_(0)
-            p_RN.mul_(amp_RN.mul_(opts["ega_beta"]).exp_())
-            p_RN[rr, pos] = (z_pos_R - lse_R).exp()
-        p_RN[rr, pos] -= 1.0
-        ds_RN = p_RN.mul_(inv_tau * grad_scale)
-        d_rows_BD[r0:r1].addmm_(ds_RN, cands_ND)  # (R, N) x (N, D) -> (R, D)
-        d_cands_ND.addmm_(ds_RN.T, rows_BD[r0:r1])  # (N, R) x (R, D) -> (N, D)
-
-
-class _TorchChunkedLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, query, target, hard_negatives, target_ids, hard_negative_ids, opts):
-        B, D = query.shape
-        c_ND = (
-            target if hard_negatives is None else torch.cat([target, hard_negatives.flatten(0, 1)])
-        )
-        ids_N = target_ids
-        if hard_negatives is not None and target_ids is not None:
-            ids_N = torch.cat([target_ids, hard_negative_ids.flatten()])
-        N = c_ND.shape[0]
-        need_grad = any(ctx.needs_input_grad[:3])
-        grad_scale = (1.0 / B) * (0.5 if opts["symmetric"] else 1.0)
-        dq_BD = torch.zeros_like(query) if need_grad else None
-        dc_ND = torch.zeros_like(c_ND) if need_grad else None
-        loss_B = query.new_empty(B)
-        chunk = _schedule.default_chunk_size(N)
-        _torch_row_pass(
-            query, c_ND, target_ids, ids_N, opts, chunk, loss_B, grad_scale, dq_BD, dc_ND
-        )
-        if opts["symmetric"]:
-            loss_t_B = torch.empty_like(loss_B)
-            _torch_row_pass(
-                target,
-                query,
-                target_ids,
-                target_ids,
-                opts,
-                _schedule.default_chunk_size(B),
-                loss_t_B,
-                grad_scale,
-                dc_ND[:B] if need_grad else None,
-                dq_BD,
-            )
-            loss_B = (loss_B + loss_t_B) * 0.5
-        ctx.has_hard_negatives = hard_negatives is not None
-        if need_grad:
-            ctx.save_for_backward(dq_BD, dc_ND)
-        return loss_B.mean()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dq_BD, dc_ND = ctx.saved_tensors
-        B = dq_BD.shape[0]
-        dh = None
-        if ctx.has_hard_negatives:
-            dh = (dc_ND[B:] * grad_loss).view(B, -1, dq_BD.shape[1])
-        return dq_BD * grad_loss, dc_ND[:B] * grad_loss, dh, None, None, None
-
-
-def torch_chunked_hardneg_loss(
-    query: Tensor,
-    target: Tensor,
-    *,
-    hard_negatives: Tensor | None = None,
-    target_ids: Tensor | None = None,
-    hard_negative_ids: Tensor | None = None,
-    mode: str = "llave",
-    temperature: float = TEMPERATURE,
-    alpha: float = ALPHA,
-    ega_beta: float = EGA_BETA,
-    ega_margin: float = EGA_MARGIN,
-    symmetric: bool = False,
-) -> Tensor:
-    """Mean hardneg loss in plain torch with hardneg's row schedule (fp32 inputs only).
-
-    query, target (B, D); hard_negatives (B, M, D); ids as in fused_hardneg_loss. Extra memory is
-    O(R x N) per chunk plus [target; hard_negatives] and the saved gradients, like hardneg's.
-    """
-    opts = {
-        "mode": mode,
-        "temperature": temperature,
-        "alpha": alpha,
-        "ega_beta": ega_beta,
-        "ega_margin": ega_margin,
-        "symmetric": symmetric,
-    }
-    return _TorchChunkedLoss.apply(
-        query, target, hard_negatives, target_ids, hard_negative_ids, opts
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +271,7 @@ def check_providers(shapes) -> None:
 
 
 def time_shape(shape: Shape, threads: int, providers, *, repeats: int) -> dict:
-    torch.set_num_threads(threads)
+    common.pin_threads(threads)
     inputs = make_inputs(shape)
     out = {}
     gemms = gemm_calls(shape, inputs)
@@ -418,7 +291,7 @@ def time_shape(shape: Shape, threads: int, providers, *, repeats: int) -> dict:
 
 def memory_probe(shape_index: int, provider: str, mode: str, quick: bool) -> dict:
     """Body of the fresh-process probe: extra peak RSS of one `mode` call of `provider`."""
-    torch.set_num_threads(1)
+    common.pin_threads(1)
     shapes = QUICK_SHAPES if quick else SHAPES
     shape = shapes[shape_index]
     fn = provider_fn(provider, shape)
@@ -474,20 +347,19 @@ def summarise(shape: Shape, timings: dict, *, basis: str) -> list[dict]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small shapes, 3 repeats (smoke test)")
+    common.add_output_args(ap, "small shapes, 3 repeats (smoke test)")
     ap.add_argument("--shapes", type=int, nargs="*", help="indices into the shape list")
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--providers", nargs="*", default=list(PROVIDERS))
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     ap.add_argument("--no-ablation", action="store_true", help="skip fused-vs-recompute and chunks")
-    ap.add_argument("--out", help="directory for the JSON + markdown (default benchmarks/results)")
     ap.add_argument("--render", metavar="JSON", help="rewrite the markdown of a results JSON")
     ap.add_argument("--probe-memory", nargs=3, metavar=("SHAPE", "PROVIDER", "MODE"))
     args = ap.parse_args(argv)
 
     if args.render:
-        record = json.loads(common.Path(args.render).read_text())
-        common.Path(args.render).with_suffix(".md").write_text(render_markdown(record))
+        path = Path(args.render)
+        path.with_suffix(".md").write_text(render_markdown(json.loads(path.read_text())))
         return
     if args.probe_memory:
         idx, provider, mode = args.probe_memory
@@ -524,14 +396,13 @@ def main(argv=None) -> None:
         record["shapes"].append(entry)
     if not args.no_ablation:
         record["ablations"] = run_ablations(shapes, indices, quick=args.quick)
-    out_dir = common.Path(args.out) if args.out else common.RESULTS_DIR
-    path = common.write_results("bench_loss", record, render_markdown(record), out_dir=out_dir)
+    path = common.write_results("bench_loss", record, render_markdown(record), out_dir=args.out)
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
 def run_ablations(shapes, indices, *, quick: bool) -> dict:
     """Fused gradient in the forward vs recomputation in backward, and the chunk size, 1 thread."""
-    torch.set_num_threads(1)
+    common.pin_threads(1)
     out = {"fused_vs_recompute": [], "chunk_size": []}
     for i in indices[:2]:
         shape = shapes[i]
@@ -565,180 +436,6 @@ def run_ablations(shapes, indices, *, quick: bool) -> dict:
             flush=True,
         )
     return out
-
-
-def render_markdown(record: dict) -> str:
-    m = record["machine"]
-    lines = [
-        f"# bench_loss: hardneg_loss on {m['cpu']} ({m['logical_cores']} cores), {m['date']}",
-        "",
-        f"torch {m['torch']}, hardneg {m['hardneg']} (git {m['git_commit']}), "
-        f"{m['hardneg_cxx_compiler']}, {m['glibc']}, Python {m['python']}; CPU flags: "
-        f"{' '.join(m['cpu_flags'])}.",
-        "",
-        "Generated by `python -m benchmarks.bench_loss`. Medians over interleaved repeats (each "
-        "round runs every provider once, rotating the order). The machine is shared with other "
-        "jobs (load average well above its core count during the run), so wall times swing "
-        "from round to round; with 1 thread the ratios (GFLOP/s, x GEMM, speed-up) therefore "
-        "use the process CPU time, the work of the call without the time other processes held "
-        "the core; with 2 threads they use wall time (CPU time would hide poor scaling). fp32, "
-        "L2-normalised inputs, temperature 0.02, reduction mean. `x GEMM` = time / time of the "
-        "bare fp32 GEMMs of the same mode, timed in the same rounds (forward: S = Q C^T; "
-        "backward: dQ = dS C and dC = dS^T Q; full: all 3). GFLOP/s counts GEMM FLOPs only. "
-        "forward runs under no_grad; backward times backward() alone after an untimed forward "
-        "(hardneg and torch_chunked compute the gradient in the forward, so their backward only "
-        "scales it); full = forward with grad + backward.",
-        "",
-    ]
-    lines += [summary_table(record), ""]
-    for entry in record["shapes"]:
-        lines += [f"## {entry['name']} (M={entry['N'] // entry['B'] - 1})", ""]
-        header = [
-            "threads",
-            "mode",
-            "provider",
-            "wall ms",
-            "CPU ms",
-            "GFLOP/s",
-            "x GEMM",
-            "speed-up vs eager",
-        ]
-        rows = []
-        for threads, t in entry["timings"].items():
-            for r in t["summary"]:
-                sp = r["speedup_vs_reference"]
-                rows.append(
-                    [
-                        threads,
-                        r["mode"],
-                        r["provider"],
-                        r["median_ms"],
-                        r["cpu_median_ms"],
-                        r["gflops"],
-                        r["x_gemm"],
-                        f"{sp:.2f}x" if sp else "",
-                    ]
-                )
-        lines += [common.markdown_table(header, rows), ""]
-        if "memory_full" in entry:
-            ref_mib = entry["memory_full"].get("reference", {}).get("extra_peak_mib")
-            mem_rows = [
-                [
-                    p,
-                    rec["extra_peak_mib"],
-                    f"{rec['extra_peak_mib'] / ref_mib:.3f}" if ref_mib else "",
-                ]
-                for p, rec in entry["memory_full"].items()
-            ]
-            lines += [
-                "Extra peak memory of one full (fwd+bwd) call, 1 thread:",
-                "",
-                common.markdown_table(["provider", "MiB", "x eager"], mem_rows),
-                "",
-            ]
-    lines += [MEMORY_METHOD, ""]
-    abl = record.get("ablations") or {}
-    if abl.get("fused_vs_recompute"):
-        lines += [
-            "## Fused gradient in the forward vs recomputation in backward "
-            "(full, 1 thread, CPU time)",
-            "",
-        ]
-        rows = []
-        for a in abl["fused_vs_recompute"]:
-            f_ms = a["timings"]["hardneg"]["cpu_median_s"] * 1e3
-            r_ms = a["timings"]["hardneg_recompute"]["cpu_median_s"] * 1e3
-            rows.append([a["shape"], f_ms, r_ms, r_ms / f_ms])
-        worst = min(r[3] for r in rows)
-        verdict = (
-            "so the gradient stays fused into the forward (reduction mean / sum)."
-            if worst > 1.0
-            else "so recomputation is not slower here: revisit the fused default."
-        )
-        lines += [
-            common.markdown_table(["shape", "fused ms", "recompute ms", "recompute / fused"], rows),
-            "",
-            "Fused: one pass of 3 GEMMs, dQ and dC kept until backward (N x D fp32 held between "
-            "forward and backward). Recompute: a loss-only forward (1 GEMM), then the full pass "
-            f"again in backward (3 GEMMs). Recomputation is at least {worst:.2f}x slower, "
-            + verdict,
-            "",
-        ]
-    if abl.get("chunk_size"):
-        lines += ["## Chunk size (rows of S per chunk; full, 1 thread)", ""]
-        rows = []
-        for a in abl["chunk_size"]:
-            for name, t in a["timings"].items():
-                r = int(name.removeprefix("hardneg_chunk"))
-                default = min(a["default_rows"], int(a["shape"].split()[0].removeprefix("B=")))
-                mark = " (default)" if r == default else ""
-                rows.append([a["shape"], f"{r}{mark}", t["cpu_median_s"] * 1e3])
-        lines += [
-            common.markdown_table(["shape", "rows", "CPU ms"], rows),
-            "",
-            "The default, CHUNK_BYTES = 32 MiB of S per chunk (at least 16 rows), is compared "
-            "with the fastest size of each shape above; small chunks lose because each chunk "
-            "adds a rank-R update of dC (N x D read and written) and GEMMs with few rows run "
-            "below peak.",
-            "",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def summary_table(record: dict) -> str:
-    """hardneg against the other providers: full fwd+bwd, 1 thread, CPU time; peak memory."""
-    header = [
-        "shape",
-        "hardneg ms",
-        "x 3 GEMMs",
-        "vs eager",
-        "vs compile",
-        "vs torch_chunked",
-        "extra peak MiB (hardneg / eager)",
-    ]
-    rows = []
-    for entry in record["shapes"]:
-        if "1" not in entry["timings"]:
-            continue
-        by = {r["provider"]: r for r in entry["timings"]["1"]["summary"] if r["mode"] == "full"}
-        if "hardneg" not in by:
-            continue
-        h = by["hardneg"]
-
-        def vs(name, h=h, by=by):
-            return f"{by[name]['cpu_median_ms'] / h['cpu_median_ms']:.2f}x" if name in by else ""
-
-        mem = entry.get("memory_full", {})
-        mem_txt = ""
-        if "hardneg" in mem and "reference" in mem:
-            hm, rm = mem["hardneg"]["extra_peak_mib"], mem["reference"]["extra_peak_mib"]
-            mem_txt = f"{hm:.0f} / {rm:.0f} ({hm / rm:.2f}x)"
-        rows.append(
-            [
-                entry["name"],
-                h["cpu_median_ms"],
-                h["x_gemm"],
-                vs("reference"),
-                vs("compile"),
-                vs("torch_chunked"),
-                mem_txt,
-            ]
-        )
-    return (
-        "## Summary: full forward + backward, 1 thread (CPU time)\n\n"
-        "`vs X` = time of X / time of hardneg (above 1: hardneg is faster).\n\n"
-        + common.markdown_table(header, rows)
-    )
-
-
-MEMORY_METHOD = (
-    "Peak memory method: each (shape, provider) runs in a fresh Python process: build the inputs "
-    "(no large temporaries), warm the provider up on a tiny shape (torch.compile: on the measured "
-    "shape, so compilation is not counted), reset the process's peak RSS (`/proc/self/clear_refs` "
-    "= 5), run one full call (forward + backward, input gradients kept), and report peak RSS "
-    "(VmHWM, the figure ru_maxrss reports) minus RSS just before the call. It includes the input "
-    "gradients every provider must produce (3 x the input size)."
-)
 
 
 if __name__ == "__main__":

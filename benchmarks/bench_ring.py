@@ -16,39 +16,36 @@ hidden / X, and the extra peak memory of one step (fresh processes; CPU: VmHWM, 
 max_memory_allocated). The cost model (hardneg.costmodel) is calibrated from this machine's
 bare GEMM, kernel and link speeds and its predictions are printed beside the measurements.
 
-    python benchmarks/bench_ring.py                       # gloo, 2 ranks on this CPU
-    python benchmarks/bench_ring.py --backend nccl        # NCCL, one rank per GPU
+    python -m benchmarks.bench_ring                       # gloo, 2 ranks on this CPU
+    python -m benchmarks.bench_ring --backend nccl        # NCCL, one rank per GPU
+    python -m benchmarks.bench_ring --quick --out /tmp/bench   # one tiny shape: a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from hardneg import _ops, _schedule
+from hardneg._constants import KEEP_LOGITS_BYTES
+from hardneg._spec import LossSpec
+from hardneg.distributed import allgather, costmodel, layout, ring
+from hardneg.distributed.transport import TorchTransport
+from hardneg.reference import _direction_loss
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-from hardneg import _schedule  # noqa: E402
-from hardneg._constants import KEEP_LOGITS_BYTES  # noqa: E402
-from hardneg._spec import LossSpec  # noqa: E402
-from hardneg.distributed import allgather, costmodel, layout, ring  # noqa: E402
-from hardneg.distributed.transport import TorchTransport  # noqa: E402
-from hardneg.reference import _direction_loss  # noqa: E402
+from benchmarks import common
 
 PROVIDERS = ("ring", "allgather", "naive")
 # (B per rank, D, M): the timing shapes (small enough for 2 CPU cores) and the memory target.
 TIMING_SHAPES = [(64, 256, 3), (256, 256, 3), (1024, 256, 3), (512, 1024, 7)]
 MEMORY_SHAPE = (2048, 1024, 7)
+QUICK_SHAPES, QUICK_MEMORY_SHAPE, QUICK_REPEATS = [(32, 64, 1)], (64, 64, 1), 2
 GPU_TIMING_SHAPES = [(256, 1024, 7), (1024, 1024, 7), (4096, 1024, 7), (8192, 1024, 7)]
 
 
@@ -165,80 +162,74 @@ class _Step:
     naive_comm = allgather_comm
 
 
+@contextlib.contextmanager
 def _local_collectives():
-    """Context that turns the all-gather strategy's collectives into local copies (compute-only)."""
+    """The all-gather strategy's collectives turned into local copies (compute-only)."""
 
-    class _Ctx:
-        def __enter__(self):
-            self.saved = (allgather.all_gather_single, allgather.reduce_scatter_single)
+    def gather(out, inp, group):
+        out.view(-1, *inp.shape)[:] = inp
 
-            def gather(out, inp, group):
-                out.view(-1, *inp.shape)[:] = inp
+    def scatter(out, inp, group):
+        out.copy_(inp.view(-1, *out.shape)[0])
 
-            def scatter(out, inp, group):
-                out.copy_(inp.view(-1, *out.shape)[0])
-
-            allgather.all_gather_single, allgather.reduce_scatter_single = gather, scatter
-
-        def __exit__(self, *exc):
-            allgather.all_gather_single, allgather.reduce_scatter_single = self.saved
-
-    return _Ctx()
+    saved = (allgather.all_gather_single, allgather.reduce_scatter_single)
+    allgather.all_gather_single, allgather.reduce_scatter_single = gather, scatter
+    try:
+        yield
+    finally:
+        allgather.all_gather_single, allgather.reduce_scatter_single = saved
 
 
-def _timed(fn, step, repeats):
-    times = []
-    for _ in range(repeats + 1):
-        dist.barrier(step.group)
-        step.sync()
-        t0 = time.perf_counter()
-        fn()
-        step.sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])  # the first round warms up
+def _time_calls(calls: dict, step, repeats: int) -> dict[str, float]:
+    """Median seconds of each call (common.time_interleaved): every rank runs the same rotating
+    order, each call after a barrier and a device sync, timed to its device sync."""
+    timed = common.time_interleaved(
+        calls,
+        repeats=repeats,
+        before=lambda: (dist.barrier(step.group), step.sync()),
+        after=step.sync,
+    )
+    return {name: t["median_s"] for name, t in timed.items()}
 
 
 def _time_shape(B, D, M, group, device, repeats):
     step = _Step(B, D, M, group, device)
-    rows = {}
+    calls = {}
     for p in PROVIDERS:
         if p == "ring":
-            total = lambda: step.ring(step.torch_transport)  # noqa: E731
-            compute = lambda: step.ring(step.local_transport)  # noqa: E731
-            comm = step.ring_comm
+            calls["ring_total"] = lambda: step.ring(step.torch_transport)
+            calls["ring_compute"] = lambda: step.ring(step.local_transport)
         else:
-            total = getattr(step, p)
-            comm = getattr(step, f"{p}_comm")
+            fn = getattr(step, p)
+            calls[f"{p}_total"] = fn
 
-            def compute(fn=total):
+            def compute(fn=fn):
                 with _local_collectives():
                     fn()
 
-        rows[p] = {
-            "total_s": _timed(total, step, repeats),
-            "compute_s": _timed(compute, step, repeats),
-            "comm_s": _timed(comm, step, repeats),
-        }
-        r = rows[p]
+            calls[f"{p}_compute"] = compute
+        calls[f"{p}_comm"] = getattr(step, f"{p}_comm")
+    seconds = _time_calls(calls, step, repeats)
+    rows = {}
+    for p in PROVIDERS:
+        r = {f"{part}_s": seconds[f"{p}_{part}"] for part in ("total", "compute", "comm")}
         exposed = max(0.0, r["total_s"] - r["compute_s"])
         hidden = max(0.0, r["comm_s"] - exposed)
         r["exposed_comm_s"] = exposed
         r["overlap_efficiency"] = hidden / r["comm_s"] if r["comm_s"] > 0 else 0.0
+        rows[p] = r
     return rows
 
 
 def _calibrate(group, device, repeats):
     """This machine's fp32 GEMM throughput, fused-kernel cost per logit and link speed, measured
     on the sizes the ring uses, for the cost model."""
-    from hardneg import _ops
-
     a = torch.randn(512, 1024, device=device)
     b = torch.randn(4096, 1024, device=device)
     s = torch.empty(512, 4096, device=device)
     step = type("S", (), {"group": group, "sync": lambda self: None})()
     if device.type == "cuda":
         step.sync = torch.cuda.synchronize
-    t_gemm = _timed(lambda: torch.mm(a, b.T, out=s), step, repeats)
     spec = LossSpec("llave", 0.02, 9.0, 5.0, 0.1, check_finite=False)
     params = _schedule.kernel_params(device, spec, False, 1.0)
     stats = torch.zeros(4, 512, device=device)
@@ -247,14 +238,22 @@ def _calibrate(group, device, repeats):
     params.pos_offset = 0
     params.run_max, params.run_sum = stats[0].data_ptr(), stats[1].data_ptr()
     params.z_pos, params.s_pos = stats[2].data_ptr(), stats[3].data_ptr()
-    t_elem = _timed(lambda: _ops.kernels_for(device).hardneg_loss_block_update(params), step, 5)
     tr = TorchTransport(group)
     K, r = dist.get_world_size(group), dist.get_rank(group)
     small, big = torch.zeros(1, device=device), torch.zeros(4 << 20, device=device)
-    lat = _timed(lambda: tr.exchange((r + 1) % K, [small], (r - 1) % K, [small.clone()]).wait(),
-                 step, repeats)  # fmt: skip
-    t_big = _timed(lambda: tr.exchange((r + 1) % K, [big], (r - 1) % K, [big.clone()]).wait(),
-                   step, repeats)  # fmt: skip
+    t = _time_calls(
+        {
+            "gemm": lambda: torch.mm(a, b.T, out=s),
+            "kernel": lambda: _ops.kernels_for(device).hardneg_loss_block_update(params),
+            "latency": lambda: tr.exchange(
+                (r + 1) % K, [small], (r - 1) % K, [small.clone()]
+            ).wait(),
+            "bandwidth": lambda: tr.exchange((r + 1) % K, [big], (r - 1) % K, [big.clone()]).wait(),
+        },
+        step,
+        repeats,
+    )
+    t_gemm, t_elem, lat, t_big = t["gemm"], t["kernel"], t["latency"], t["bandwidth"]
     return {
         "gemm_flops": 2 * 512 * 4096 * 1024 / t_gemm,
         "elem_seconds": t_elem / (512 * 4096),
@@ -286,16 +285,7 @@ def _memory_worker(rank, world, port, backend, provider, shape, out):
             if provider == "ring"
             else (getattr(step, provider))
         )
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            call()
-            torch.cuda.synchronize()
-            peak = {"extra_peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20,
-                    "method": "torch.cuda.max_memory_allocated"}  # fmt: skip
-        else:
-            peak = common.measure_call_peak(call)
+        peak = common.measure_call_peak(call, device)
         peaks = [None] * world
         dist.all_gather_object(peaks, peak["extra_peak_mib"])
         if rank == 0:
@@ -305,28 +295,13 @@ def _memory_worker(rank, world, port, backend, provider, shape, out):
 
 
 def _setup(rank, world, port, backend):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world) if backend == "gloo" else 4)
+    common.pin_threads(max(1, (os.cpu_count() or 1) // world) if backend == "gloo" else 4)
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(
         backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     return torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, world, *args):
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "out.json")
-        mp.spawn(fn, args=(world, _free_port(), *args, out), nprocs=world, join=True)
-        return json.loads(Path(out).read_text())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,39 +342,10 @@ def _crossover_table() -> str:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    ap.add_argument("--shapes", help="BxDxM,... per rank (default: the built-in list)")
-    ap.add_argument("--memory-shape", default="x".join(map(str, MEMORY_SHAPE)), help="BxDxM")
-    ap.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
-    ap.add_argument(
-        "--save-calibration",
-        action="store_true",
-        help=f"write the measured link and compute to {costmodel.CALIBRATION_FILE.name}, "
-        "which the cost model loads for CPU tensors (gloo only)",
-    )
-    args = ap.parse_args()
-    if args.backend == "nccl" and torch.cuda.device_count() < args.world:
-        sys.exit(f"--backend nccl needs {args.world} GPUs, found {torch.cuda.device_count()}")
-    shapes = GPU_TIMING_SHAPES if args.backend == "nccl" else TIMING_SHAPES
-    if args.shapes:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    memory_shape = tuple(int(v) for v in args.memory_shape.split("x"))
-
-    timing = _spawn(_timing_worker, args.world, args.backend, shapes, args.repeats)
-    calib = timing["calibration"]
-    preds = _predictions(calib, shapes, args.world)
-    memory = {}
-    if not args.no_memory:
-        for p in PROVIDERS:
-            memory[p] = _spawn(_memory_worker, args.world, args.backend, p, memory_shape)
-
+def _markdown(record: dict, preds: dict) -> str:
+    calib, world = record["calibration"], record["world_size"]
     rows = []
-    for entry in timing["shapes"]:
+    for entry in record["timing"]:
         B, D, M = entry["B"], entry["D"], entry["M"]
         for p, r in entry["providers"].items():
             pred = preds.get((B, D, M, p))
@@ -408,45 +354,32 @@ def main() -> None:
                 1e3 * r["exposed_comm_s"], r["overlap_efficiency"],
                 1e3 * pred["total"] if pred else "-",
             ])  # fmt: skip
-    md = [
-        f"# bench_ring ({args.backend}, {args.world} ranks)",
-        "",
+    header = ["B/rank", "D", "M", "provider", "total", "compute", "comm", "exposed"]
+    header += ["overlap eff.", "predicted"]
+    title = f"bench_ring: {record['backend']}, {world} ranks"
+    md = common.markdown_header(title, record["machine"]) + [
         "Per training step (forward + backward), median of "
-        f"{args.repeats} interleaved repeats; times in ms. compute: transfers replaced by local "
-        "copies; comm: the transfers alone; exposed = max(0, total - compute); overlap "
+        f"{record['repeats']} interleaved repeats; times in ms. compute: transfers replaced by "
+        "local copies; comm: the transfers alone; exposed = max(0, total - compute); overlap "
         "efficiency = hidden / comm. predicted: hardneg.costmodel calibrated on this machine "
         f"(GEMM {calib['gemm_flops'] / 1e9:.1f} GFLOP/s fp32, kernel "
         f"{calib['elem_seconds'] * 1e9:.2f} ns/logit, link "
-        f"{calib['link_bandwidth'] / 1e9:.2f} GB/s + {calib['link_latency_s'] * 1e6:.0f} us).",
+        f"{calib['link_bandwidth'] / 1e9:.2f} GB/s + {calib['link_latency_s'] * 1e6:.0f} us). "
+        "Load average (1, 5, 15 min) at the end: "
+        f"{', '.join(f'{v:.2f}' for v in record['load_average_1_5_15'])}.",
         "",
-        common.markdown_table(
-            [
-                "B/rank",
-                "D",
-                "M",
-                "provider",
-                "total",
-                "compute",
-                "comm",
-                "exposed",
-                "overlap eff.",
-                "predicted",
-            ],
-            rows,
-        ),  # fmt: skip
+        common.markdown_table(header, rows),
         "",
     ]
+    memory = record["memory"]
     if memory:
-        B, D, M = memory_shape
-        naive = max(memory["naive"]["per_rank_mib"])
-        mem_rows = [
-            [p, max(m["per_rank_mib"]), max(m["per_rank_mib"]) / naive] for p, m in memory.items()
-        ]
+        B, D, M = record["memory_shape"]
+        mib = {p: max(m["per_rank_mib"]) for p, m in memory.items()}
         md += [
             f"Extra peak memory of one step at B = {B} per rank, D = {D}, M = {M}, "
-            f"{args.world} ranks, fp32 (MiB, worst rank; {memory['naive']['method']}):",
+            f"{world} ranks, fp32 (MiB, worst rank; {memory['naive']['method']}):",
             "",
-            common.markdown_table(["provider", "extra peak MiB", "x naive"], mem_rows),
+            common.memory_table(mib, "naive", header=("provider", "extra peak MiB", "x naive")),
             "",
         ]
     md += [
@@ -456,6 +389,57 @@ def main() -> None:
         _crossover_table(),
         "",
     ]
+    return "\n".join(md)
+
+
+def _save_calibration(path: Path, record: dict) -> None:
+    machine = record["machine"]
+    source = {
+        "source": os.path.relpath(path),
+        "machine": machine.get("cpu"),
+        "date": machine.get("date"),
+    }
+    costmodel.CALIBRATION_FILE.write_text(
+        json.dumps({**source, **record["calibration"]}, indent=1) + "\n"
+    )
+    print(f"wrote {costmodel.CALIBRATION_FILE}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_output_args(ap, "one tiny shape, 2 repeats (smoke test)")
+    ap.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    ap.add_argument("--shapes", help="BxDxM,... per rank (default: the built-in list)")
+    ap.add_argument("--memory-shape", default="x".join(map(str, MEMORY_SHAPE)), help="BxDxM")
+    ap.add_argument(
+        "--save-calibration",
+        action="store_true",
+        help=f"write the measured link and compute to {costmodel.CALIBRATION_FILE.name}, "
+        "which the cost model loads for CPU tensors (gloo only)",
+    )
+    args = ap.parse_args()
+    if args.quick and args.save_calibration:
+        sys.exit("--save-calibration needs a full run, not --quick")
+    if args.backend == "nccl" and torch.cuda.device_count() < args.world:
+        sys.exit(f"--backend nccl needs {args.world} GPUs, found {torch.cuda.device_count()}")
+    shapes = GPU_TIMING_SHAPES if args.backend == "nccl" else TIMING_SHAPES
+    memory_shape = tuple(int(v) for v in args.memory_shape.split("x"))
+    if args.quick:
+        shapes, memory_shape, args.repeats = QUICK_SHAPES, QUICK_MEMORY_SHAPE, QUICK_REPEATS
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+
+    timing = common.spawn_ranks(_timing_worker, args.world, args.backend, shapes, args.repeats)
+    memory = {}
+    if not args.no_memory:
+        for p in PROVIDERS:
+            memory[p] = common.spawn_ranks(
+                _memory_worker, args.world, args.backend, p, memory_shape
+            )
+    preds = _predictions(timing["calibration"], shapes, args.world)
     record = {
         "machine": common.machine_record(),
         # Other jobs share the CPU: the load average says how much of it this run had.
@@ -463,23 +447,17 @@ def main() -> None:
         "backend": args.backend,
         "world_size": args.world,
         "repeats": args.repeats,
-        "calibration": calib,
+        "calibration": timing["calibration"],
         "timing": timing["shapes"],
         "predicted_total_s": {f"{k[0]}x{k[1]}x{k[2]}-{k[3]}": v["total"] for k, v in preds.items()},
         "memory_shape": memory_shape,
         "memory": memory,
     }
-    path = common.write_results("bench_ring", record, "\n".join(md), out_dir=args.out_dir)
+    md = _markdown(record, preds)
+    path = common.write_results("bench_ring", record, md, out_dir=args.out)
     if args.save_calibration and args.backend == "gloo":
-        machine = record["machine"]
-        source = {
-            "source": os.path.relpath(path),
-            "machine": machine.get("cpu"),
-            "date": machine.get("date"),
-        }
-        costmodel.CALIBRATION_FILE.write_text(json.dumps({**source, **calib}, indent=1) + "\n")
-        print(f"wrote {costmodel.CALIBRATION_FILE}")
-    print("\n".join(md))
+        _save_calibration(path, record)
+    print(md)
     print(f"wrote {path}")
 
 

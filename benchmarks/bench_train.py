@@ -17,7 +17,10 @@ Throughput: both providers run interleaved in one process per B, median over rep
 Targets (the train issue): GradCache peak at B=256 within 1.3x of its peak at B=32 (chunk 16);
 GradCache at least 0.7x the samples/s of the plain step at a batch both fit.
 
-    python benchmarks/bench_train.py            # writes results/bench_train_<machine>_<date>.*
+Inputs: scenes of the synthetic set (hardneg.data.synthetic: its captions, its 32 px renderings).
+
+    python -m benchmarks.bench_train            # writes results/bench_train_<machine>_<date>.*
+    python -m benchmarks.bench_train --quick --out /tmp/bench   # batches 8 and 16: a smoke test
 """
 
 from __future__ import annotations
@@ -27,37 +30,33 @@ import json
 import os
 import random
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hardneg.data.synthetic import ALL_SCENES, render
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 BATCHES = (32, 64, 128, 256)
 THROUGHPUT_BATCHES = (32, 64, 128)
+# --quick: batches, throughput batches, chunk, repeats, memory runs per point.
+QUICK = ((8, 16), (8,), 4, 2, 1)
 PROVIDERS = ("plain", "gradcache")
-COLOURS = ["red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white"]
-SHAPES = ["circle", "square", "triangle", "diamond", "cross", "star"]
 
 
 def _items(n: int, seed: int):
-    """n (text query, image target) pairs: random coloured 32 px images and short captions."""
-    from PIL import Image
-
+    """n (text query, image target) pairs: synthetic scenes' captions and 32 px renderings."""
     rng = random.Random(seed)
     queries, targets = [], []
-    for _ in range(n):
-        colour = tuple(rng.randrange(256) for _ in range(3))
-        image = Image.new("RGB", (32, 32), colour)
-        words = [rng.choice(COLOURS), rng.choice(SHAPES), "on the", rng.choice(["left", "right"])]
+    for k in range(n):
+        scene = rng.choice(ALL_SCENES)
         queries.append(
             {
-                "text": "Find me an image that matches the given caption: " + " ".join(words),
+                "text": f"Find me an image that matches the given caption: {scene.caption}",
                 "image": None,
             }
         )
-        targets.append({"text": "Represent the given image.", "image": image})
+        targets.append(
+            {"text": "Represent the given image.", "image": render(scene, variant=k, seed=seed)}
+        )
     return queries, targets
 
 
@@ -115,9 +114,8 @@ class Setup:
 
 
 def probe_memory(provider: str, batch: int, chunk: int) -> dict:
-    import torch
 
-    torch.set_num_threads(1)
+    common.pin_threads(1)
     setup = Setup(batch, chunk)
     # Warm-up at one chunk: lazy initialisation, optimizer state, allocator pools.
     setup.step(provider, chunk)
@@ -125,9 +123,8 @@ def probe_memory(provider: str, batch: int, chunk: int) -> dict:
 
 
 def probe_throughput(batch: int, chunk: int, repeats: int) -> dict:
-    import torch
 
-    torch.set_num_threads(1)
+    common.pin_threads(1)
     setup = Setup(batch, chunk)
     timed = common.time_interleaved(
         {p: (lambda p=p: setup.step(p, batch)) for p in PROVIDERS}, repeats=repeats, warmup=1
@@ -135,8 +132,66 @@ def probe_throughput(batch: int, chunk: int, repeats: int) -> dict:
     return {p: {**t, "samples_per_s": batch / t["median_s"]} for p, t in timed.items()}
 
 
+def _probe(*args: object) -> dict:
+    return common.run_probe("benchmarks.bench_train", [str(a) for a in args])
+
+
+def _measure(batches, throughput_batches, chunk: int, repeats: int, runs: int):
+    """Extra peak MiB per provider and batch (median of `runs` fresh processes: one chunk's
+    activations are ~10 MiB, near the noise) and samples/s per throughput batch."""
+    # A fixed mmap threshold: tensors above 64 KiB are mapped and unmapped, so RSS follows the
+    # live tensors instead of glibc's adaptive heap high-water mark (a few MiB of noise).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+
+    def memory_probe(provider: str, batch: int) -> dict:
+        probe = ("--probe", "memory", "--provider", provider, "--batch", batch, "--chunk", chunk)
+        mib = [_probe(*probe)["extra_peak_mib"] for _ in range(runs)]
+        return {"extra_peak_mib": statistics.median(mib), "runs_mib": mib}
+
+    memory = {p: {b: memory_probe(p, b) for b in batches} for p in PROVIDERS}
+    probe = ("--probe", "throughput", "--chunk", chunk, "--repeats", repeats)
+    speed = {b: _probe(*probe, "--batch", b) for b in throughput_batches}
+    return memory, speed
+
+
+def _markdown(record: dict, batches) -> str:
+    memory, speed, checks = record["memory_extra_peak_mib"], record["throughput"], record["checks"]
+    rows = []
+    for b in batches:
+        row = [b, memory["plain"][b]["extra_peak_mib"], memory["gradcache"][b]["extra_peak_mib"]]
+        if b in speed:
+            plain, gc = speed[b]["plain"]["samples_per_s"], speed[b]["gradcache"]["samples_per_s"]
+            row += [plain, gc, checks["gradcache_speed_ratio"][b]]
+        else:
+            row += ["", "", ""]
+        rows.append(row)
+    header = ["batch", "plain peak MiB", "gradcache peak MiB", "plain samples/s"]
+    header += ["gradcache samples/s", "gradcache/plain speed"]
+    first, last = batches[0], batches[-1]
+    lines = common.markdown_header("bench_train: training step, 1 thread", record["machine"])
+    lines += [
+        f"Tiny Embedder training step, GradCache chunk {record['chunk']}. Extra peak RSS of one "
+        f"step (MiB, fresh process); samples/s median of {record['repeats']} interleaved repeats.",
+        "",
+        common.markdown_table(header, rows),
+        "",
+        f"GradCache peak B={last} / B={first}: "
+        f"{checks[f'gradcache_peak_{last}_over_{first}']:.2f} (target <= 1.3). Speed ratio "
+        "target >= 0.7.",
+        "",
+        "Reading the speed ratio: GradCache runs every chunk forward twice (the last chunk's "
+        "graph is kept, so one forward less) and always at the chunk's size, while the plain "
+        "step's GEMMs grow with B. On this tiny model (hidden 64) per-call overheads are a large "
+        "share of a 16-row chunk, so the ratio falls as the plain batch grows; with real models "
+        "the chunk's GEMMs are large and the ratio approaches (F + B) / (2F + B) for forward "
+        "cost F and backward cost B (about 0.75 at B = 2F).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_output_args(parser, "batches 8 and 16, chunk 4, 2 repeats (smoke test)")
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--probe", choices=("memory", "throughput"))
@@ -150,43 +205,18 @@ def main() -> None:
         print(json.dumps(probe_throughput(args.batch, args.chunk, args.repeats)))
         return
 
-    # A fixed mmap threshold: tensors above 64 KiB are mapped and unmapped, so RSS follows the
-    # live tensors instead of glibc's adaptive heap high-water mark (a few MiB of noise).
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-
-    def memory_probe(provider: str, batch: int) -> dict:
-        # Median of 3 fresh processes: one chunk's activations are ~10 MiB, near the noise.
-        probe = ["--probe", "memory", "--provider", provider, "--batch", str(batch)]
-        probe += ["--chunk", str(args.chunk)]
-        runs = [
-            common.run_probe("benchmarks.bench_train", probe)["extra_peak_mib"] for _ in range(3)
-        ]
-        return {"extra_peak_mib": statistics.median(runs), "runs_mib": runs}
-
-    memory = {p: {b: memory_probe(p, b) for b in BATCHES} for p in PROVIDERS}
-    speed = {
-        b: common.run_probe(
-            "benchmarks.bench_train",
-            [
-                "--probe",
-                "throughput",
-                "--batch",
-                str(b),
-                "--chunk",
-                str(args.chunk),
-                "--repeats",
-                str(args.repeats),
-            ],
-        )
-        for b in THROUGHPUT_BATCHES
-    }
-    gc_mem = {b: memory["gradcache"][b]["extra_peak_mib"] for b in BATCHES}
+    batches, throughput_batches, runs = BATCHES, THROUGHPUT_BATCHES, 3
+    if args.quick:
+        batches, throughput_batches, args.chunk, args.repeats, runs = QUICK
+    memory, speed = _measure(batches, throughput_batches, args.chunk, args.repeats, runs)
+    gc_mem = {b: memory["gradcache"][b]["extra_peak_mib"] for b in batches}
+    first, last = batches[0], batches[-1]
     checks = {
-        "gradcache_peak_256_over_32": gc_mem[256] / gc_mem[32],
+        f"gradcache_peak_{last}_over_{first}": gc_mem[last] / gc_mem[first],
         "gradcache_peak_target": 1.3,
         "gradcache_speed_ratio": {
             b: speed[b]["gradcache"]["samples_per_s"] / speed[b]["plain"]["samples_per_s"]
-            for b in THROUGHPUT_BATCHES
+            for b in throughput_batches
         },
         "gradcache_speed_target": 0.7,
     }
@@ -195,55 +225,14 @@ def main() -> None:
         "model": "Embedder.tiny (hidden 64, 2+2 layers, 32 px images), vision tower frozen",
         "step": "text queries + image targets, llave symmetric loss, backward, AdamW",
         "chunk": args.chunk,
+        "repeats": args.repeats,
         "threads": 1,
         "memory_extra_peak_mib": memory,
         "throughput": speed,
         "checks": checks,
     }
-    rows = [
-        [
-            b,
-            memory["plain"][b]["extra_peak_mib"],
-            gc_mem[b],
-            *(
-                [
-                    speed[b]["plain"]["samples_per_s"],
-                    speed[b]["gradcache"]["samples_per_s"],
-                    checks["gradcache_speed_ratio"][b],
-                ]
-                if b in speed
-                else ["", "", ""]
-            ),
-        ]
-        for b in BATCHES
-    ]
-    md = (
-        f"# bench_train ({record['machine']['date']}, {record['machine']['cpu']}, 1 thread, "
-        f"torch {record['machine']['torch']})\n\n"
-        f"Tiny Embedder training step, GradCache chunk {args.chunk}. Extra peak RSS of one step "
-        "(MiB, fresh process); samples/s median of "
-        f"{args.repeats} interleaved repeats.\n\n"
-        + common.markdown_table(
-            [
-                "batch",
-                "plain peak MiB",
-                "gradcache peak MiB",
-                "plain samples/s",
-                "gradcache samples/s",
-                "gradcache/plain speed",
-            ],
-            rows,
-        )
-        + f"\n\nGradCache peak B=256 / B=32: {checks['gradcache_peak_256_over_32']:.2f} "
-        "(target <= 1.3). Speed ratio target >= 0.7.\n\n"
-        "Reading the speed ratio: GradCache runs every chunk forward twice (the last chunk's "
-        "graph is kept, so one forward less) and always at the chunk's size, while the plain "
-        "step's GEMMs grow with B. On this tiny model (hidden 64) per-call overheads are a large "
-        "share of a 16-row chunk, so the ratio falls as the plain batch grows; with real models "
-        "the chunk's GEMMs are large and the ratio approaches (F + B) / (2F + B) for forward "
-        "cost F and backward cost B (about 0.75 at B = 2F).\n"
-    )
-    path = common.write_results("bench_train", record, md)
+    md = _markdown(record, batches)
+    path = common.write_results("bench_train", record, md, out_dir=args.out)
     print(md)
     print(f"wrote {path}")
 

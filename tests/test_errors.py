@@ -15,21 +15,15 @@ import pytest
 import torch
 from hardneg import fused_hardneg_loss
 from hardneg._spec import LossSpec
+from loss_testing import make_inputs
 
 B, M, D = 4, 2, 8
 
 
 def _args(**changes) -> dict:
-    """Valid arguments (B = 4 queries, M = 2 hard negatives, D = 8, ids with no collision), with
-    `changes` applied; a change to None removes the argument."""
-    g = torch.Generator().manual_seed(0)
-    args = {
-        "query": torch.randn(B, D, generator=g),
-        "target": torch.randn(B, D, generator=g),
-        "hard_negatives": torch.randn(B, M, D, generator=g),
-        "target_ids": torch.arange(B),
-        "hard_negative_ids": torch.arange(B, B + B * M).view(B, M),
-    }
+    """Valid arguments (loss_testing.make_inputs: B = 4 queries, M = 2 hard negatives, D = 8, fp32,
+    ids), with `changes` applied; a change to None removes the argument."""
+    args = make_inputs(B, D, M, ids=True, dtype=torch.float32)
     args.update(changes)
     return {k: v for k, v in args.items() if v is not None}
 

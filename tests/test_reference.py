@@ -28,18 +28,28 @@ from hardneg import (
     hardneg_loss_reference,
 )
 from hardneg._constants import MODES
-from loss_testing import RTOL_FP32, check_close, fp32_floor, loss_and_grads, make_inputs
+from hardneg.reference import _direction_loss
+from loss_testing import (
+    FP64_ROUNDOFF,
+    check_close,
+    loss_and_grads,
+    make_inputs,
+    reference_outputs,
+    rule_for,
+)
 
 LOSSES = {"op": fused_hardneg_loss, "reference": hardneg_loss_reference}
-# Both sides of a reference-only comparison are fp64 and differ only in summation order.
-RTOL_FP64 = 1e-12
 
 
-def _tolerance(loss_name: str, reduction: str, B: int, grad_output=1.0) -> dict:
-    """fp32 budget for the op (see tests/test_loss.py), fp64 roundoff for the reference."""
+def _check(loss_name: str, got: dict, truth: dict, plain: dict | None, B: int, **call) -> None:
+    """The one error rule (tests/loss_testing.py) against fp64 expected values: the op with plain
+    torch in fp32 (plain: the same expected values computed by the reference in fp32); the fp64
+    reference, which is plain torch itself, with fp64's unit roundoff and no plain term."""
+    rule = rule_for(B, **call)
     if loss_name == "op":
-        return {"rtol": RTOL_FP32, "atol": fp32_floor(reduction, B, grad_output)}
-    return {"rtol": RTOL_FP64, "atol": 1e-15}
+        check_close(got, truth, plain, **rule)
+    else:
+        check_close(got, truth, None, roundoff=FP64_ROUNDOFF, **rule)
 
 
 def ds_by_hand(s_rows, *, mode, tau=TEMPERATURE, alpha=ALPHA, beta=EGA_BETA, margin=EGA_MARGIN):
@@ -107,15 +117,10 @@ def test_gradient_by_hand(loss_name, mode):
     inputs, _ = _orthonormal_case()
     hand = {"beta": HAND_BETA, "margin": HAND_MARGIN}
     ds_BN = torch.tensor(ds_by_hand(S_2x4, mode=mode, **hand), dtype=torch.float64)
-    got = loss_and_grads(
-        LOSSES[loss_name],
-        inputs,
-        mode=mode,
-        reduction="sum",
-        ega_beta=HAND_BETA,
-        ega_margin=HAND_MARGIN,
-    )
-    check_close(got, _expected_grads(ds_BN, inputs), **_tolerance(loss_name, "sum", 2))
+    call = {"mode": mode, "reduction": "sum", "ega_beta": HAND_BETA, "ega_margin": HAND_MARGIN}
+    got = loss_and_grads(LOSSES[loss_name], inputs, **call)
+    plain = reference_outputs(inputs, dtype=torch.float32, **call)
+    _check(loss_name, got, _expected_grads(ds_BN, inputs), plain, 2, **call)
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
@@ -123,19 +128,21 @@ def test_ega_gradient_differs_from_infonce_as_designed(loss_name):
     """dS_ega - dS_infonce = P * (a - 1) / tau on the negatives and 0 on the positives, with P the
     InfoNCE softmax: unchanged where a = 1, scaled by a where the negative is hard."""
     inputs, _ = _orthonormal_case()
-    hand = {"ega_beta": HAND_BETA, "ega_margin": HAND_MARGIN}
-    ega = loss_and_grads(LOSSES[loss_name], inputs, mode="ega", reduction="sum", **hand)["d_query"]
-    infonce = loss_and_grads(LOSSES[loss_name], inputs, mode="infonce", reduction="sum")["d_query"]
+    hand = {"ega_beta": HAND_BETA, "ega_margin": HAND_MARGIN, "reduction": "sum"}
+
+    def ega_minus_infonce(run) -> torch.Tensor:
+        return run(mode="ega", **hand)["d_query"] - run(mode="infonce", **hand)["d_query"]
+
+    diff = ega_minus_infonce(lambda **o: loss_and_grads(LOSSES[loss_name], inputs, **o))
+    plain = ega_minus_infonce(lambda **o: reference_outputs(inputs, dtype=torch.float32, **o))
     s_BN = torch.tensor(S_2x4, dtype=torch.float64)
     p_BN = torch.softmax(s_BN / TEMPERATURE, dim=1)
     amp_BN = torch.tensor(AMP_2x4, dtype=torch.float64)
     expected = p_BN * (amp_BN - 1) / TEMPERATURE
-    # A difference of two outputs carries both of their errors.
-    tol = _tolerance(loss_name, "sum", 2)
-    atol = 2 * tol["rtol"] * max(ega.abs().max().item(), infonce.abs().max().item())
-    check_close({"d_query": ega - infonce}, {"d_query": expected}, rtol=0.0, atol=atol)
+    _check(loss_name, {"d_query": diff}, {"d_query": expected}, {"d_query": plain}, 2, **hand)
+    ega = diff  # the amplified part of EGA's gradient
     # The amplified entries really moved (by much more than the tolerance) and no other did.
-    moved = (ega - infonce).abs() > 1e-3 * (1 / TEMPERATURE)
+    moved = ega.abs() > 1e-3 * (1 / TEMPERATURE)
     assert torch.equal(moved, amp_BN > 1)
 
 
@@ -165,10 +172,19 @@ def test_kernel_gradient_by_hand_2x3():
         ds_RN = torch.tensor(
             ds_by_hand(s_rows, mode=mode, beta=HAND_BETA, margin=HAND_MARGIN), dtype=torch.float64
         )
-        # fp32 budget (tests/test_loss.py): RTOL_FP32 of the natural units, 1 nat for the loss
-        # and 1 / tau for dS.
-        torch.testing.assert_close(stats_4R[3].double(), loss_R, rtol=0, atol=RTOL_FP32)
-        torch.testing.assert_close(s_RN.double(), ds_RN, rtol=0, atol=RTOL_FP32 / TEMPERATURE)
+        # The one rule, per row (reduction "none", weight 1): plain torch in fp32 is the
+        # reference's row loss on the same block (rows = S, candidates = the identity, so
+        # dL/drows = dS).
+        rows = torch.tensor(s_rows, dtype=torch.float32, requires_grad=True)
+        hand = (mode, TEMPERATURE, ALPHA, HAND_BETA, HAND_MARGIN)
+        plain_loss_R = _direction_loss(rows, torch.eye(3), None, None, *hand)
+        (plain_ds_RN,) = torch.autograd.grad(plain_loss_R.sum(), rows)
+        check_close(
+            {"loss": stats_4R[3], "d_query": s_RN},
+            {"loss": loss_R, "d_query": ds_RN},
+            {"loss": plain_loss_R.detach(), "d_query": plain_ds_RN},
+            **rule_for(2, reduction="none", mode=mode),
+        )
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
@@ -197,12 +213,13 @@ def test_ega_without_amplification_is_infonce(loss_name, symmetric):
     inputs = make_inputs(7, 59, 2, ids=True)
     loss_fn = LOSSES[loss_name]
     options = {"symmetric": symmetric, "reduction": "sum"}
-    infonce = loss_and_grads(loss_fn, inputs, mode="infonce", **options)
+    truth = reference_outputs(inputs, dtype=torch.float64, mode="infonce", **options)
+    plain = reference_outputs(inputs, dtype=torch.float32, mode="infonce", **options)
     for beta, margin in ((0.0, EGA_MARGIN), (EGA_BETA, -3.0)):
         ega = loss_and_grads(
             loss_fn, inputs, mode="ega", ega_beta=beta, ega_margin=margin, **options
         )
-        check_close(ega, infonce, **_tolerance(loss_name, "sum", 7))
+        _check(loss_name, ega, truth, plain, 7, mode="ega", **options)
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
@@ -213,7 +230,9 @@ def test_llave_with_zero_alpha_is_infonce(loss_name, symmetric):
     options = {"symmetric": symmetric, "reduction": "mean"}
     llave = loss_and_grads(loss_fn, inputs, mode="llave", alpha=0.0, **options)
     infonce = loss_and_grads(loss_fn, inputs, mode="infonce", **options)
-    check_close(llave, infonce, **_tolerance(loss_name, "mean", 257))
+    truth = reference_outputs(inputs, dtype=torch.float64, mode="infonce", **options)
+    plain = reference_outputs(inputs, dtype=torch.float32, mode="infonce", **options)
+    _check(loss_name, llave, truth, plain, 257, mode="llave", alpha=0.0, **options)
     # alpha does matter otherwise: the default weight changes the loss by far more than that.
     weighted = loss_and_grads(loss_fn, inputs, mode="llave", **options)
     assert (weighted["loss"] - infonce["loss"]).abs() > 0.1
@@ -241,7 +260,8 @@ def test_reference_infonce_is_cross_entropy(symmetric):
         mode="infonce",
         symmetric=symmetric,
     )
-    check_close(got, want, rtol=RTOL_FP64, atol=1e-15)
+    options = {"mode": "infonce", "symmetric": symmetric}
+    check_close(got, want, None, roundoff=FP64_ROUNDOFF, **rule_for(7, **options))
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
@@ -261,38 +281,42 @@ def test_masking_a_candidate_is_deleting_it(loss_name, mode):
     target_ids = torch.arange(B)
     hard_ids = torch.arange(100, 100 + B * M)
     hard_ids[k] = target_ids[3]
-    loss_fn = LOSSES[loss_name]
     options = {"mode": mode, "reduction": "none"}
     row3 = torch.zeros(B, dtype=torch.float64)
     row3[3] = 1.0
-
     masked_inputs = {**base, "target_ids": target_ids, "hard_negative_ids": hard_ids.view(B, M)}
-    masked = loss_and_grads(loss_fn, masked_inputs, grad_output=row3, **options)
-    plain = loss_and_grads(loss_fn, base, grad_output=row3, **options)
+    masked = loss_and_grads(LOSSES[loss_name], masked_inputs, grad_output=row3, **options)
     others = [0, 1, 2, 4]
     keep_h = [j for j in range(B * M) if j != k]
     deleted_pool = torch.cat([t[others], h_flat[keep_h]])[None]  # (1, N - 2, D)
-    deleted = loss_and_grads(
-        loss_fn,
-        {"query": q[3:4], "target": t[3:4], "hard_negatives": deleted_pool},
-        **options,
-    )
 
-    d_hard = torch.zeros(B * M, D, dtype=torch.float64)
-    d_hard[keep_h] = deleted["d_hard_negatives"][0, len(others) :]
-    d_target = torch.zeros(B, D, dtype=torch.float64)
-    d_target[3] = deleted["d_target"][0]
-    d_target[others] = deleted["d_hard_negatives"][0, : len(others)]
-    d_query = torch.zeros(B, D, dtype=torch.float64)
-    d_query[3] = deleted["d_query"][0]
-    loss = plain["loss"].clone()
-    loss[3] = deleted["loss"][0]
-    expected = {
-        "loss": loss,
-        "d_query": d_query,
-        "d_target": d_target,
-        "d_hard_negatives": d_hard.view(B, M, D),
-    }
-    check_close(masked, expected, **_tolerance(loss_name, "none", B))
+    def expected(dtype: torch.dtype) -> dict:
+        """The unmasked problem's outputs, with query 3's row from the deletion problem; both
+        computed by the reference in `dtype` (fp64: the truth; fp32: plain torch)."""
+        unmasked = reference_outputs(base, dtype=dtype, grad_output=row3, **options)
+        deleted = reference_outputs(
+            {"query": q[3:4], "target": t[3:4], "hard_negatives": deleted_pool},
+            dtype=dtype,
+            **options,
+        )
+        d_hard = torch.zeros(B * M, D, dtype=dtype)
+        d_hard[keep_h] = deleted["d_hard_negatives"][0, len(others) :]
+        d_target = torch.zeros(B, D, dtype=dtype)
+        d_target[3] = deleted["d_target"][0]
+        d_target[others] = deleted["d_hard_negatives"][0, : len(others)]
+        d_query = torch.zeros(B, D, dtype=dtype)
+        d_query[3] = deleted["d_query"][0]
+        loss = unmasked["loss"].clone()
+        loss[3] = deleted["loss"][0]
+        return {
+            "loss": loss,
+            "d_query": d_query,
+            "d_target": d_target,
+            "d_hard_negatives": d_hard.view(B, M, D),
+        }
+
+    truth = expected(torch.float64)
+    _check(loss_name, masked, truth, expected(torch.float32), B, grad_output=row3, **options)
     # The mask is not vacuous: without it query 3's loss is clearly different.
-    assert (plain["loss"][3] - masked["loss"][3]).abs() > 1e-3
+    unmasked = reference_outputs(base, dtype=torch.float64, **options)
+    assert (unmasked["loss"][3] - masked["loss"][3]).abs() > 1e-3

@@ -1,9 +1,13 @@
-"""Cases and checks of the cross-device hardneg_loss, run inside every rank of a gloo world.
+"""Cases of the cross-device hardneg_loss, run inside every rank of a gloo (or NCCL) world.
 
-Every rank builds the same global batch from the case's seed, keeps its own rows (uneven sizes,
-a rank with B = 1 included), runs the distributed loss and compares its loss and its gradients
-against the fp64 single-process reference over the concatenated batch (rank order). The errors
-travel back to the test process, which asserts on them.
+Every rank builds the same global batch from the case's seed (tests/loss_testing.make_inputs, in
+fp32), keeps its own rows (uneven sizes, a rank with B = 1 included), runs the distributed loss and
+measures its loss and gradients against the fp64 single-process reference over the concatenated
+batch (rank order), under the one error rule of tests/loss_testing.py with plain torch = the same
+reference in fp32. The result of a wrong positive layout (targets rotated by one rank's rows),
+judged the same way, must fail the rule by far, or the comparison could not see a misplaced
+positive.
+The measurements travel back to the test process, which asserts on them (check_result).
 
 Legend: K ranks, B global batch, B_r rows of rank r, M hard negatives per query, D dim.
 """
@@ -11,28 +15,38 @@ Legend: K ranks, B global batch, B_r rows of rank r, M hard negatives per query,
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import socket
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-from hardneg import KEEP_LOGITS_BYTES, fused_hardneg_loss, hardneg_loss_reference
-from torch import Tensor
+from hardneg import KEEP_LOGITS_BYTES, fused_hardneg_loss
+from loss_testing import (
+    assert_within,
+    grad_output_for,
+    loss_and_grads,
+    make_inputs,
+    measure,
+    reference_outputs,
+    rule_for,
+)
 
 D = 59  # odd, not a multiple of any vector width
 
 # Rows per rank: uneven, with a single-row rank, for each world size.
 SIZES = {2: (5, 1), 4: (3, 1, 6, 2)}
 
-FLOAT_NAMES = ("query", "target", "hard_negatives")
+# A rotated target layout must exceed the rule's budget this many times (loss or query gradient).
+WRONG_LAYOUT_FACTOR = 100.0
 
 
 @dataclass(frozen=True)
 class Case:
     mode: str = "llave"
     symmetric: bool = False
-    negatives: int = 0
+    hard_negatives: int = 0  # M per query
     ids: bool = False
     strategy: str = "ring"
     reduction: str = "mean"
@@ -43,7 +57,7 @@ class Case:
 
     @property
     def name(self) -> str:
-        parts = [self.strategy, self.mode, self.reduction, f"M{self.negatives}"]
+        parts = [self.strategy, self.mode, self.reduction, f"M{self.hard_negatives}"]
         parts += ["sym"] * self.symmetric + ["ids"] * self.ids
         if self.keep_logits_bytes is not None:
             parts.append(f"keep{self.keep_logits_bytes}")
@@ -52,6 +66,11 @@ class Case:
         if self.transport != "auto":
             parts.append(self.transport)
         return "-".join(parts)
+
+    @property
+    def options(self) -> dict:
+        """The loss options the reference shares with the op."""
+        return {"mode": self.mode, "symmetric": self.symmetric, "reduction": self.reduction}
 
 
 def all_cases() -> list[Case]:
@@ -71,138 +90,72 @@ def all_cases() -> list[Case]:
     return cases
 
 
-def _unit(x: Tensor) -> Tensor:
-    return x / x.norm(dim=-1, keepdim=True)
-
-
-def global_inputs(case: Case, B: int) -> dict[str, Tensor | None]:
-    """fp64 global batch: positives and hard negatives lean towards their query (cosine ~0.1) so
-    several candidates per row carry probability at tau = 0.02; ids drawn from B // 2 values so
-    duplicates span ranks."""
-    g = torch.Generator().manual_seed(1000 + case.seed)
-    q = _unit(torch.randn(B, D, generator=g, dtype=torch.float64))
-    t = _unit(0.1 * q + _unit(torch.randn(B, D, generator=g, dtype=torch.float64)))
-    out: dict[str, Tensor | None] = {"query": q, "target": t, "hard_negatives": None}
-    out["target_ids"] = out["hard_negative_ids"] = None
-    M = case.negatives
-    if M:
-        out["hard_negatives"] = _unit(
-            0.08 * q[:, None] + _unit(torch.randn(B, M, D, generator=g, dtype=torch.float64))
-        )
-    if case.ids:
-        out["target_ids"] = torch.randint(max(2, B // 2), (B,), generator=g)
-        if M:
-            out["hard_negative_ids"] = torch.randint(max(2, B // 2), (B, M), generator=g)
-    out["grad_output"] = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
-    return out
-
-
-def _options(case: Case) -> dict:
-    return dict(mode=case.mode, symmetric=case.symmetric, reduction=case.reduction)
-
-
-def reference(case: Case, inputs: dict, *, layout=None, dtype=torch.float64) -> dict[str, Tensor]:
-    """Loss and gradients of the single-process reference over the whole batch, in `dtype` (fp64:
-    the truth; fp32: plain torch's own round-off). layout: an optional permutation of the targets
-    (to prove a wrong layout is caught)."""
-    leaves = {
-        k: inputs[k].to(dtype, copy=True).requires_grad_(True)
-        for k in FLOAT_NAMES
-        if inputs[k] is not None
+def _rows(outputs: dict, lo: int, hi: int, reduction: str) -> dict:
+    """Rows lo:hi of every per-row tensor (a reduced loss is shared by all ranks)."""
+    return {
+        k: v if (k == "loss" and reduction != "none") or v is None else v[lo:hi]
+        for k, v in outputs.items()
     }
-    target = leaves["target"] if layout is None else leaves["target"][layout]
-    loss = hardneg_loss_reference(
-        leaves["query"],
-        target,
-        hard_negatives=leaves.get("hard_negatives"),
-        target_ids=inputs["target_ids"],
-        hard_negative_ids=inputs["hard_negative_ids"],
-        **_options(case),
-    )
-    go = inputs["grad_output"] if case.reduction == "none" else inputs["grad_output"][0]
-    (loss * go.to(dtype)).sum().backward()
-    out = {"loss": loss.detach()}
-    out.update({f"d_{k}": v.grad for k, v in leaves.items()})
-    return out
 
 
-def distributed(case: Case, inputs: dict, sizes, group, device="cpu") -> dict[str, Tensor]:
-    """This rank's fp32 loss and gradients from the distributed op, run on `device`."""
+def run_case(case: Case, group, device="cpu") -> dict:
+    """This rank's measurements of one case: {"errors": {output: {"error", "allowed"}},
+    "wrong_layout": how many times the rotated layout exceeds the budget}."""
+    sizes = SIZES[dist.get_world_size(group)]
     rank = dist.get_rank(group)
-    lo = sum(sizes[:rank])
-    hi = lo + sizes[rank]
-    local = {}
-    for k in FLOAT_NAMES:
-        if inputs[k] is not None:
-            local[k] = inputs[k][lo:hi].float().to(device).requires_grad_(True)
-    ids = {
-        k: None if inputs[k] is None else inputs[k][lo:hi].to(device)
-        for k in ("target_ids", "hard_negative_ids")
-    }
+    B = sum(sizes)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    inputs = make_inputs(
+        B, D, case.hard_negatives, ids=case.ids, dtype=torch.float32, seed=case.seed
+    )
+    grad_output = grad_output_for(case.reduction, B, seed=1000 + case.seed)
+    call = {"grad_output": grad_output, **case.options}
+    truth = _rows(reference_outputs(inputs, dtype=torch.float64, **call), lo, hi, case.reduction)
+    plain = _rows(reference_outputs(inputs, dtype=torch.float32, **call), lo, hi, case.reduction)
+
+    local = {k: None if v is None else v[lo:hi].to(device) for k, v in inputs.items()}
     keep = KEEP_LOGITS_BYTES if case.keep_logits_bytes is None else case.keep_logits_bytes
-    loss = fused_hardneg_loss(
-        local["query"],
-        local["target"],
-        hard_negatives=local.get("hard_negatives"),
-        **ids,
+    local_grad = grad_output[lo:hi] if case.reduction == "none" else grad_output
+    got = loss_and_grads(
+        fused_hardneg_loss,
+        local,
+        grad_output=local_grad,
         group=group,
         strategy=case.strategy,
         transport=case.transport,
         keep_logits_bytes=keep,
         chunk_size=case.chunk_size,
-        **_options(case),
+        **case.options,
     )
-    go = inputs["grad_output"]
-    go = go[lo:hi].float() if case.reduction == "none" else go[0].float()
-    (loss * go.to(device)).sum().backward()
-    out = {"loss": loss.detach().cpu()}
-    out.update({f"d_{k}": v.grad.cpu() for k, v in local.items()})
-    return out
-
-
-def rel_err(got: Tensor, want: Tensor) -> float:
-    """Norm-wise relative error (the fp32-round-off scale of a whole tensor)."""
-    return float((got.double() - want).norm() / want.norm().clamp_min(1e-30))
-
-
-def local_part(case: Case, results: dict, sizes, rank: int) -> dict[str, Tensor]:
-    """The rows of global results that rank `rank` owns (a reduced loss is shared by all)."""
-    lo = sum(sizes[:rank])
-    hi = lo + sizes[rank]
-    out = {}
-    for k, v in results.items():
-        v = v.detach()
-        out[k] = v if k == "loss" and case.reduction != "none" else v[lo:hi]
-    return out
-
-
-def compare(got: dict, want: dict) -> dict[str, float]:
-    return {k: rel_err(v, want[k]) for k, v in got.items()}
+    got = {k: v.cpu() for k, v in got.items()}
+    # The global batch sets the row weight of a "mean" (1 / B), this rank's rows those of "none".
+    rule = rule_for(B, local_grad, **case.options)
+    # The rotated layout's result, as an op that misplaced the positives would return it.
+    rotated = {**inputs, "target": torch.roll(inputs["target"], sizes[0], dims=0)}
+    wrong = _rows(reference_outputs(rotated, dtype=torch.float64, **call), lo, hi, case.reduction)
+    wrong_errors = measure(wrong, truth, plain, **rule)
+    return {
+        "errors": measure(got, truth, plain, **rule),
+        "wrong_layout": max(
+            wrong_errors[k]["error"] / wrong_errors[k]["allowed"] for k in ("loss", "d_query")
+        ),
+    }
 
 
 def run_cases(cases: list[Case], group, device="cpu") -> list[dict]:
-    """Errors of every case on this rank: [{"case": ..., "rank": r, "errors": {...}}]."""
-    K = dist.get_world_size(group)
+    """[{"case": ..., "rank": r, "errors": ..., "wrong_layout": ...}] of every case on this rank."""
     rank = dist.get_rank(group)
-    sizes = SIZES[K]
-    results = []
-    for case in cases:
-        inputs = global_inputs(case, sum(sizes))
-        want = reference(case, inputs)
-        got = distributed(case, inputs, sizes, group, device)
-        errs = compare(got, local_part(case, want, sizes, rank))
-        # Plain torch in fp32 on the same data: the round-off floor the op is held to (a row whose
-        # softmax is nearly one-hot loses digits to P - 1 in any fp32 computation).
-        ref32 = local_part(case, reference(case, inputs, dtype=torch.float32), sizes, rank)
-        for k, err in compare(ref32, local_part(case, want, sizes, rank)).items():
-            errs[f"fp32_reference_{k}"] = err
-        # The same distributed result against a wrong positive layout (targets rotated by one
-        # rank's worth): must be far off, or the comparison could not see a misplaced positive.
-        wrong = reference(case, inputs, layout=torch.roll(torch.arange(sum(sizes)), sizes[0]))
-        wrong_errs = compare(got, local_part(case, wrong, sizes, rank))
-        errs["wrong_layout"] = max(wrong_errs["loss"], wrong_errs["d_query"])
-        results.append({"case": asdict(case), "rank": rank, "errors": errs})
-    return results
+    return [{"case": asdict(c), "rank": rank, **run_case(c, group, device)} for c in cases]
+
+
+def check_result(result: dict) -> None:
+    """AssertionError unless the case met the rule on its rank and a rotated layout did not."""
+    context = f"{Case(**result['case']).name} on rank {result['rank']}"
+    assert_within(result["errors"], context)
+    assert result["wrong_layout"] > WRONG_LAYOUT_FACTOR, (
+        f"{context}: a rotated target layout exceeds the budget only "
+        f"{result['wrong_layout']:.3g}x (a misplaced positive could go unnoticed)"
+    )
 
 
 def mismatch_message(group, device="cpu") -> str:
@@ -227,9 +180,7 @@ def spawn_worker(
     rank: int, world_size: int, port: int, cases: list[Case], out_dir: str, backend: str = "gloo"
 ) -> None:
     """torch.multiprocessing.spawn target: one world (gloo on CPU, or NCCL with one GPU per rank),
-    every case, errors to out_dir."""
-    import json
-
+    every case, measurements to out_dir/rank<r>.json."""
     torch.set_num_threads(1)
     device = torch.device("cpu")
     if backend == "nccl":

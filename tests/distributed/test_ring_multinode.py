@@ -27,7 +27,9 @@ def test_two_node_torchrun_rendezvous():
         "--max_restarts=0",
         os.path.join(HERE, "ring_multinode_worker.py"),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The worker runs as a file: its helpers come from PYTHONPATH, not from pytest's paths.
+    path = [HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, path)))
     nodes = [
         subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for _ in range(2)

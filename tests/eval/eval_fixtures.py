@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from hardneg.data.synthetic import COLOURS
 from PIL import Image
 
 TEXT_BUCKETS = 256
@@ -76,12 +77,12 @@ class StandinEmbedder(torch.nn.Module):
         return torch.cat(out)
 
 
-def save_image(path: Path, color: tuple[int, int, int], size: int = 8) -> str:
+def save_image(path: Path, colour: tuple[int, int, int], size: int = 8) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.new("RGB", (size, size), color)
+    img = Image.new("RGB", (size, size), colour)
     # A diagonal stripe in the complementary colour, so thumbnails differ in structure too.
     for i in range(size):
-        img.putpixel((i, i), tuple(255 - c for c in color))
+        img.putpixel((i, i), tuple(255 - c for c in colour))
     img.save(path)
     return str(path)
 
@@ -111,22 +112,14 @@ def write_dataset(root: Path, name: str, rows: list[dict], *, fmt: str = "parque
     return path
 
 
-COLORS = {
-    "red": (220, 30, 30),
-    "green": (30, 200, 40),
-    "blue": (30, 40, 220),
-    "yellow": (230, 220, 30),
-    "purple": (150, 30, 180),
-    "cyan": (30, 210, 210),
-}
-
-
 def write_small_benchmark(root: Path) -> dict[str, list[dict]]:
     """Three small datasets: an image->text classification one under an MMEB name (ImageNet-1K),
-    a text->image retrieval one (MSCOCO_t2i) and a non-MMEB one (Synthetic-Colors, jsonl)."""
-    images = {c: save_image(root / "images" / "colors" / f"{c}.png", v) for c, v in COLORS.items()}
-    rel = {c: f"colors/{c}.png" for c in COLORS}
-    names = list(COLORS)
+    a text->image retrieval one (MSCOCO_t2i) and a non-MMEB one (Synthetic-Colours, jsonl)."""
+    images = {
+        c: save_image(root / "images" / "colours" / f"{c}.png", v) for c, v in COLOURS.items()
+    }
+    rel = {c: f"colours/{c}.png" for c in COLOURS}
+    names = list(COLOURS)
     cls_rows = [
         {
             "qry_text": "<|image_1|>\nRepresent the given image for classification",
@@ -156,6 +149,6 @@ def write_small_benchmark(root: Path) -> dict[str, list[dict]]:
     ]
     write_dataset(root, "ImageNet-1K", cls_rows)
     write_dataset(root, "MSCOCO_t2i", t2i_rows)
-    write_dataset(root, "Synthetic-Colors", other_rows, fmt="jsonl")
+    write_dataset(root, "Synthetic-Colours", other_rows, fmt="jsonl")
     del images
-    return {"ImageNet-1K": cls_rows, "MSCOCO_t2i": t2i_rows, "Synthetic-Colors": other_rows}
+    return {"ImageNet-1K": cls_rows, "MSCOCO_t2i": t2i_rows, "Synthetic-Colours": other_rows}

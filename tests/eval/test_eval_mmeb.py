@@ -74,9 +74,9 @@ def test_identical_ground_truth_scores_100(tmp_path):
     rows = [
         {
             "qry_text": f"<|image_1|> item {i}",
-            "qry_img_path": f"colors/{c}.png",
+            "qry_img_path": f"colours/{c}.png",
             "tgt_text": [f"<|image_1|> item {i}", f"<|image_1|> item {i + 1}", "item"],
-            "tgt_img_path": [f"colors/{c}.png", f"colors/{c}.png", f"colors/{c}.png"],
+            "tgt_img_path": [f"colours/{c}.png", f"colours/{c}.png", f"colours/{c}.png"],
         }
         for i, c in enumerate(["red", "green", "blue", "cyan"])
     ]
@@ -90,18 +90,18 @@ def test_small_benchmark_report(tmp_path):
     write_small_benchmark(tmp_path)
     run = evaluate_mmeb(StandinEmbedder(), tmp_path, show_progress_bar=False, model_name="standin")
     report = run.report()
-    assert list(report["datasets"]) == ["ImageNet-1K", "MSCOCO_t2i", "Synthetic-Colors"]
+    assert list(report["datasets"]) == ["ImageNet-1K", "MSCOCO_t2i", "Synthetic-Colours"]
     p = {n: d["precision@1"] for n, d in report["datasets"].items()}
     assert report["meta_tasks"]["classification"]["score"] == pytest.approx(p["ImageNet-1K"])
     assert report["meta_tasks"]["retrieval"]["score"] == pytest.approx(p["MSCOCO_t2i"])
     assert report["IND"]["score"] == pytest.approx((p["ImageNet-1K"] + p["MSCOCO_t2i"]) / 2)
     assert report["OOD"]["score"] is None and report["OOD"]["num_datasets"] == 0
-    assert report["other"]["score"] == pytest.approx(p["Synthetic-Colors"])
+    assert report["other"]["score"] == pytest.approx(p["Synthetic-Colours"])
     assert not report["complete"]
-    # Synthetic-Colors: the query text equals candidate 0's text, candidate 1 is an image only.
-    assert p["Synthetic-Colors"] == 100.0
+    # Synthetic-Colours: the query text equals candidate 0's text, candidate 1 is an image only.
+    assert p["Synthetic-Colours"] == 100.0
     table = markdown_table(report)
-    assert "| standin |" in table and "| 2/20 |" in table and "Synthetic-Colors" in table
+    assert "| standin |" in table and "| 2/20 |" in table and "Synthetic-Colours" in table
     json.dumps(report)
 
 
@@ -152,7 +152,7 @@ def test_leaderboard_aggregation():
 def test_dataset_names_and_instructions():
     assert find_task("ImageNet_1K").name == "ImageNet-1K"
     assert find_task("refcoco-matching").name == "RefCOCO-Matching"
-    assert find_task("Synthetic-Colors") is None
+    assert find_task("Synthetic-Colours") is None
     vqa = MMEB_TASKS["OK-VQA"].query_instruction
     assert not needs_instruction(
         "<|image_1|>\nRepresent the given image with the following question: What is it?", vqa
@@ -164,7 +164,7 @@ def test_dataset_names_and_instructions():
 def test_instruction_policies(tmp_path):
     write_small_benchmark(tmp_path)
     rows = _text_rows([("What colour?", ["red", "blue"])])
-    rows[0]["qry_img_path"] = "colors/red.png"
+    rows[0]["qry_img_path"] = "colours/red.png"
     write_dataset(tmp_path, "OK-VQA", rows)
     # Default: texts as in the files, whatever they look like.
     assert load_dataset(tmp_path, "OK-VQA").query_instructions == [None]
@@ -221,11 +221,11 @@ def test_within_run_deduplication(tmp_path):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda rows: rows[2].update(qry_img_path="colors/missing.png"), "row 2: qry_img_path"),
+        (lambda rows: rows[2].update(qry_img_path="colours/missing.png"), "row 2: qry_img_path"),
         (lambda rows: rows[3].update(tgt_text=[], tgt_img_path=[]), "row 3: empty candidate list"),
         (
-            lambda rows: rows[1].update(tgt_img_path=["", "colors/nope.png"] + [""] * 4),
-            r"row 1: tgt_img_path\[1\] 'colors/nope.png' not found",
+            lambda rows: rows[1].update(tgt_img_path=["", "colours/nope.png"] + [""] * 4),
+            r"row 1: tgt_img_path\[1\] 'colours/nope.png' not found",
         ),
         (lambda rows: rows[4].update(tgt_img_path=[""]), "row 4: tgt_text has 6 entries"),
         (lambda rows: rows[0].update(qry_text="", qry_img_path=""), "row 0: query has no text"),
@@ -254,7 +254,7 @@ def test_image_root_and_missing_dataset(tmp_path):
 
 def _distinct_items(root) -> int:
     total = 0
-    for name in ("ImageNet-1K", "MSCOCO_t2i", "Synthetic-Colors"):
+    for name in ("ImageNet-1K", "MSCOCO_t2i", "Synthetic-Colours"):
         d = load_dataset(root, name)
         keys = zip(d.queries, d.query_instructions, strict=True)
         total += len({(q["text"], q["image"], i) for q, i in keys})

@@ -34,9 +34,9 @@ def data(tmp_path_factory):
     rows = [
         {
             "qry_text": f"<|image_1|> the {c} one",
-            "qry_img_path": f"colors/{c}.png",
+            "qry_img_path": f"colours/{c}.png",
             "tgt_text": [f"<|image_1|> the {c} one", f"<|image_1|> the {o} one", f"the {c} one"],
-            "tgt_img_path": [f"colors/{c}.png", f"colors/{o}.png", ""],
+            "tgt_img_path": [f"colours/{c}.png", f"colours/{o}.png", ""],
         }
         for c, o in [("red", "blue"), ("green", "red"), ("blue", "cyan"), ("cyan", "green")]
     ]
@@ -54,7 +54,7 @@ def single_run(data, tmp_path_factory):
 
 def test_outputs(single_run):
     report = json.loads(single_run.read_text())
-    names = ["ImageNet-1K", "MSCOCO_t2i", "Identical", "Synthetic-Colors"]
+    names = ["ImageNet-1K", "MSCOCO_t2i", "Identical", "Synthetic-Colours"]
     assert list(report["datasets"]) == names
     assert report["datasets"]["Identical"]["precision@1"] == 100.0
     assert report["meta_tasks"]["classification"]["num_datasets"] == 1

@@ -5,13 +5,10 @@ and every DeepSpeed file is read with torch.load(weights_only=True)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _launch import spawn  # noqa: E402
+from _launch import spawn
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,14 +9,11 @@ batch is slice r of the global batch (TrainBatchSampler), so the single process 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _launch import spawn  # noqa: E402
+from _launch import spawn
 
 B = 4  # per rank
 

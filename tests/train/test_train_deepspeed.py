@@ -7,14 +7,11 @@ gathers its shards for save_pretrained) loads back with the trained weights."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _launch import spawn  # noqa: E402
+from _launch import spawn
 
 REPO = Path(__file__).resolve().parents[2]
 
