@@ -2,15 +2,17 @@
 
 FakeNccl().install(monkeypatch) makes hardneg.distributed.transport build FakeComm objects, which
 record what they were created with and every call the transport makes (streams as integers,
-buffers as (address, bytes)), instead of touching a GPU. fake_cuda(monkeypatch) simulates a CUDA
-machine whose current device is 0 and whose current stream on device d is the integer 1000 + d.
-FakeTensor is the little of a CUDA tensor the transport reads.
+buffers as (address, bytes)), instead of touching a GPU. FakeNccl keeps only weak references to
+them, so a test sees when the transport lets one go (the C++ object's destructor would run then).
+fake_cuda(monkeypatch) simulates a CUDA machine whose current device is 0 and whose current stream
+on device d is the integer 1000 + d. FakeTensor is the little of a CUDA tensor the transport reads.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -25,9 +27,8 @@ class FakeComm:
     device: int
     exchanges: list = field(default_factory=list)  # (sends, dst, recvs, src, stream)
     waits: list = field(default_factory=list)  # (slot, stream)
-    destroyed: bool = False
-    destroyed_while_finalizing: bool | None = None
-    on_destroy: str = ""  # printed to stdout by destroy() when set
+    destroyed: bool = False  # destroy() was called
+    report: str = ""  # printed to stdout when the comm is freed, when set
 
     def exchange(self, sends, dst, recvs, src, stream) -> int:
         self.exchanges.append((sends, dst, recvs, src, stream))
@@ -38,25 +39,33 @@ class FakeComm:
 
     def destroy(self) -> None:
         self.destroyed = True
-        self.destroyed_while_finalizing = sys.is_finalizing()
-        if self.on_destroy:
-            print(self.on_destroy, f"finalizing={self.destroyed_while_finalizing}", flush=True)
+
+    def __del__(self) -> None:
+        if self.report:
+            text = f"{self.report} destroyed={self.destroyed} finalizing={sys.is_finalizing()}\n"
+            os.write(1, text.encode())
 
 
 class FakeNccl:
     """The module hardneg.distributed.transport.nccl_module() returns, faked."""
 
-    def __init__(self, on_destroy: str = "") -> None:
-        self.comms: list[FakeComm] = []
-        self.on_destroy = on_destroy
+    def __init__(self, report: str = "") -> None:
+        self.created: list[tuple[int, int, int, bytes]] = []  # (nranks, rank, device, unique id)
+        self._refs: list[weakref.ref] = []
+        self.report = report
 
     def nccl_unique_id(self) -> bytes:
         return os.urandom(128)
 
     def NcclComm(self, unique_id: bytes, nranks: int, rank: int, device: int) -> FakeComm:  # noqa: N802
-        comm = FakeComm(unique_id, nranks, rank, device, on_destroy=self.on_destroy)
-        self.comms.append(comm)
+        comm = FakeComm(unique_id, nranks, rank, device, report=self.report)
+        self.created.append((nranks, rank, device, unique_id))
+        self._refs.append(weakref.ref(comm))
         return comm
+
+    def comm(self, i: int) -> FakeComm | None:
+        """The i-th communicator made, or None once the transport has let it go."""
+        return self._refs[i]()
 
     def install(self, monkeypatch=None) -> FakeNccl:
         if monkeypatch is None:

@@ -22,9 +22,10 @@ The NCCL communicator's life (one per process group and device, _CommRegistry):
   which hangs when the group is a proper subgroup);
 - made for the tensors' device, whichever device is current, and ordered against that device's
   current stream;
-- destroyed when its group is destroyed (the next use of any communicator finds it unregistered)
-  or freed, on release_comms(), and at exit by an atexit hook while the interpreter is whole. A
-  re-created default group (same name, new group) gets a new communicator.
+- ended when its group is destroyed (the next use of any communicator finds it unregistered) or
+  freed, and at exit by an atexit hook while the interpreter is whole, without waiting on peers
+  that may be gone; release_comms() destroys them gracefully. A re-created default group (same
+  name, new group) gets a new communicator.
 """
 
 from __future__ import annotations
@@ -149,27 +150,27 @@ def _registered(group: dist.ProcessGroup) -> bool:
     return True
 
 
-def _close(comm) -> None:
-    """Ends a communicator now, while the interpreter is alive: its destroy() (abort() if that
-    fails) where the extension provides them; dropping the last reference then frees the C++
-    object, whose destructor also destroys the ncclComm_t, stream and events."""
+def _close(comm, wait: bool) -> None:
+    """Ends a communicator while the interpreter is alive. wait=True (release_comms): its
+    destroy(), which waits at most the communicator's timeout for queued transfers and aborts it
+    when they do not finish. wait=False (its group destroyed or freed; interpreter exit): no call,
+    as peers may be gone; the caller drops the last reference and the C++ destructor destroys an
+    idle healthy communicator and aborts any other, never waiting."""
     destroy = getattr(comm, "destroy", None)
-    if destroy is None:
+    if not wait or destroy is None:
         return
     try:
         destroy()
-    except RuntimeError as err:
+    except RuntimeError as err:  # it was aborted (destroy() aborts before raising)
         abort = getattr(comm, "abort", None)
         if abort is not None:
             abort()
-        warnings.warn(
-            f"hardneg: NCCL communicator destroy failed ({err}); aborted it", stacklevel=2
-        )
+        warnings.warn(f"hardneg: {err}", stacklevel=3)
 
 
-def _close_all(comms: dict) -> None:
+def _close_all(comms: dict, wait: bool = False) -> None:
     for comm in comms.values():
-        _close(comm)
+        _close(comm, wait)
     comms.clear()
 
 
@@ -178,7 +179,8 @@ class _CommRegistry:
     their group: an entry goes when the group object is freed (weak key), when a later lookup
     finds the group destroyed (destroy_process_group unregisters it; a re-created default group is
     another object and gets a new communicator), on release(), and at interpreter exit (atexit,
-    while the interpreter is still whole, never from a finaliser during its teardown)."""
+    while the interpreter is still whole, never from a finaliser during its teardown). Only
+    release_comms() waits for queued transfers (see _close)."""
 
     def __init__(self) -> None:
         self._comms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -207,13 +209,13 @@ class _CommRegistry:
         for comms in closing:
             _close_all(comms)
 
-    def release(self, group: dist.ProcessGroup | None = None) -> None:
-        """Closes the communicators of `group`, or of every group."""
+    def release(self, group: dist.ProcessGroup | None = None, wait: bool = False) -> None:
+        """Closes the communicators of `group`, or of every group (see _close for `wait`)."""
         with self._lock:
             groups = list(self._comms.keys()) if group is None else [group]
             closing = [self._comms.pop(g) for g in groups if g in self._comms]
         for comms in closing:
-            _close_all(comms)
+            _close_all(comms, wait)
 
 
 _COMMS = _CommRegistry()
@@ -221,9 +223,10 @@ atexit.register(_COMMS.release)
 
 
 def release_comms(group: dist.ProcessGroup | None = None) -> None:
-    """Destroys hardneg's NCCL communicators of `group` (all of them when None) now. Optional:
-    they also go with their process group and at interpreter exit."""
-    _COMMS.release(group)
+    """Destroys hardneg's NCCL communicators of `group` (all of them when None) now, waiting at
+    most their timeout for queued transfers. Optional: they also end with their process group
+    and at interpreter exit, there without waiting (peers may be gone)."""
+    _COMMS.release(group, wait=True)
 
 
 def _bootstrap_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
