@@ -4,9 +4,9 @@ On CUDA, bf16 / fp16 inputs keep their dtype as GEMM operands (fp32 accumulation
 gradient GEMMs take dS rounded to the input dtype. CPU torch has no bf16 x bf16 -> fp32 GEMM, so
 CPU runs upcast fp32 operands; `_gemm.EMULATE_ON_CPU` switches the CPU to the CUDA path's
 operands, with fp32 arithmetic on them (exactly what the low-precision GEMM computes, up to
-summation order). These tests hold that path to the rule of every low-precision test here: the
-error against the fp64 truth at most 2x plain torch's own error in that dtype, plus the fp32
-floor RTOL_FP32 of the largest |truth| (tests/test_loss.py justifies both).
+summation order). These tests hold that path to the loss family's one error rule
+(tests/loss_testing.py): the error against the fp64 truth at most 2x (plain torch's own error in
+that dtype + one rounding's floor).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hardneg import _gemm, fused_hardneg_loss, hardneg_loss_reference
-from loss_testing import RTOL_FP32, check_no_worse, loss_and_grads, make_inputs
+from hardneg import _gemm, fused_hardneg_loss
+from loss_testing import check_close, loss_and_grads, make_inputs, reference_outputs, rule_for
 
 MODES = ("infonce", "llave", "ega")
 
@@ -51,11 +51,9 @@ def test_low_precision_operands_no_worse_than_plain_torch(emulated, dtype, mode,
     inputs = make_inputs(257, 59, 2, ids=True, dtype=dtype)
     options = {"mode": mode, "symmetric": symmetric}
     got = loss_and_grads(fused_hardneg_loss, inputs, grad_output=1.3, chunk_size=16, **options)
-    plain = loss_and_grads(hardneg_loss_reference, inputs, grad_output=1.3, **options)
-    truth = loss_and_grads(
-        hardneg_loss_reference, inputs, grad_output=1.3, dtype=torch.float64, **options
-    )
-    check_no_worse(got, plain, truth, factor=2.0, atol_rel=RTOL_FP32)
+    plain = reference_outputs(inputs, dtype=dtype, grad_output=1.3, **options)
+    truth = reference_outputs(inputs, dtype=torch.float64, grad_output=1.3, **options)
+    check_close(got, truth, plain, **rule_for(257, 1.3, **options))
     # Every GEMM (S and both gradients, 17 row chunks) took low-precision operands and wrote or
     # accumulated fp32.
     assert len(emulated) >= 3 * 17
@@ -111,10 +109,10 @@ def test_cross_device_low_precision_path(strategy, tmp_path):
     out = str(tmp_path / "grads")
     mp.spawn(_worker, args=(port, strategy, out), nprocs=2, join=True)
     inputs = make_inputs(12, 40, 2, ids=True, dtype=torch.bfloat16)
-    plain = loss_and_grads(hardneg_loss_reference, inputs, symmetric=True)
-    truth = loss_and_grads(hardneg_loss_reference, inputs, dtype=torch.float64, symmetric=True)
+    plain = reference_outputs(inputs, dtype=torch.bfloat16, symmetric=True)
+    truth = reference_outputs(inputs, dtype=torch.float64, symmetric=True)
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     got = {"loss": ranks[0]["loss"]}
     for name in ("d_query", "d_target", "d_hard_negatives"):
         got[name] = torch.cat([ranks[0][name], ranks[1][name]])
-    check_no_worse(got, plain, truth, factor=2.0, atol_rel=RTOL_FP32)
+    check_close(got, truth, plain, **rule_for(12, 1.0, symmetric=True))

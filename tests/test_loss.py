@@ -158,14 +158,13 @@ def test_hard_negatives_without_ids_are_never_masked(mode, symmetric):
     inputs["target_ids"] = inputs["target_ids"] - 1  # -1 among them: an ordinary id
     no_hn_ids = {**inputs, "hard_negative_ids": None}
     opts = {"mode": mode, "symmetric": symmetric, "reduction": "none"}
-    got = loss_and_grads(fused_hardneg_loss, no_hn_ids, grad_output=0.5, chunk_size=3, **opts)
-    want = loss_and_grads(hardneg_loss_reference, no_hn_ids, grad_output=0.5, **opts)
-    check_close(got, want, rtol=RTOL_FP32, atol=fp32_floor("none", 7, 0.5))
+    got = compare_with_reference(no_hn_ids, grad_output=0.5, chunk_size=3, **opts)
     # The same as ids the targets never use, and not the same as the masking ids.
     fresh = {**inputs, "hard_negative_ids": torch.full((7, 2), 10**6)}
-    check_close(got, loss_and_grads(hardneg_loss_reference, fresh, grad_output=0.5, **opts),
-                rtol=RTOL_FP32, atol=fp32_floor("none", 7, 0.5))  # fmt: skip
-    masked = loss_and_grads(hardneg_loss_reference, inputs, grad_output=0.5, **opts)
+    truth = reference_outputs(fresh, dtype=torch.float64, grad_output=0.5, **opts)
+    plain = reference_outputs(fresh, dtype=torch.float32, grad_output=0.5, **opts)
+    check_close(got, truth, plain, **rule_for(7, 0.5, **opts))
+    masked = reference_outputs(inputs, dtype=torch.float64, grad_output=0.5, **opts)
     assert max_error(got["loss"], masked["loss"]) > 1e-3
 
 

@@ -126,8 +126,6 @@ def test_bootstrap_device(monkeypatch, backend, expected):
 
 
 _AT_EXIT = """
-import sys
-sys.path.insert(0, {here!r})
 import torch.distributed as dist
 from fake_nccl import FakeNccl, fake_cuda
 from hardneg.distributed.transport import make_transport
@@ -143,8 +141,14 @@ def test_comms_end_at_exit_while_the_interpreter_is_alive(tmp_path):
     """A script that exits without destroying anything: the atexit hook lets its communicator go
     (the C++ destructor ends it, never waiting on peers) before interpreter teardown, not during
     it or never."""
-    code = textwrap.dedent(_AT_EXIT.format(here=HERE, store=tmp_path / "store"))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    code = textwrap.dedent(_AT_EXIT.format(store=tmp_path / "store"))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split("\n")
     assert lines[:2] == ["exiting", "comm freed destroyed=False finalizing=False"], out.stdout

@@ -19,10 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from _launch import spawn
 from hardneg.train import distributed as dist_util
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _launch import spawn  # noqa: E402
 
 COLLECTIVES = (
     "all_reduce",

@@ -10,14 +10,11 @@ with the weights after two steps for the direction.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _launch import spawn  # noqa: E402
+from _launch import spawn
 
 REPO = Path(__file__).resolve().parents[2]
 B = 4  # per rank
