@@ -90,6 +90,8 @@ step train_1gpu 120 env CUDA_VISIBLE_DEVICES=0 "$PYTHON" "${train_args[@]}" \
   --train.output_dir "$work/train_1gpu"
 if ((gpus >= 2)); then
   step ring_nccl_tests 150 "$PYTHON" -m pytest -q -x tests/distributed/test_ring_nccl.py
+  step ring_nccl_2gpu 150 env CUDA_VISIBLE_DEVICES=0,1 "$PYTHON" -m torch.distributed.run \
+    --standalone --nproc_per_node=2 tools/gpu_ring_check.py
   step train_2gpu_nccl 150 env CUDA_VISIBLE_DEVICES=0,1 "$PYTHON" -m torch.distributed.run \
     --standalone --nproc_per_node=2 "${train_args[@]}" --train.backend nccl \
     --train.output_dir "$work/train_2gpu"
