@@ -85,6 +85,7 @@ def evaluate(embedder, ev: EvalConfig) -> dict | None:
         embedder,
         Path(ev.root),
         datasets=ev.datasets or None,
+        image_root=ev.image_root or None,
         batch_size=ev.batch_size,
         group=dist_util.loss_group(),
         show_progress_bar=False,

@@ -175,6 +175,8 @@ class CheckpointConfig:
 class EvalConfig:
     # Retrieval P@1 on an MMEB-eval style folder after training (skipped when root is empty).
     root: str = ""
+    # Folder the rows' image paths are relative to (MMEB-eval: its eval_images/); empty: root.
+    image_root: str = ""
     # Datasets (sub-folders of root) to score; empty means every one found.
     datasets: list[str] = field(default_factory=list)
     batch_size: int = 64
