@@ -102,10 +102,8 @@ void neg_stats(const RowView& r, int64_t cols, int64_t pos, float& m, float& l) 
   const int64_t after = (pos >= 0 && pos < cols) ? pos + 1 : split;
   m = max_range<kMask>(r, 0, split, kNegInf);
   m = max_range<kMask>(r, after, cols, m);
-  if (m == kNegInf) {
-    l = 0.0f;
-    return;
-  }
+  // m = -inf: no unmasked negative, or only NaN ones (the max skips NaN); the sum is then 0 or
+  // NaN, so a NaN input is never hidden.
   l = sum_exp_range<kMask>(r, 0, split, m) + sum_exp_range<kMask>(r, after, cols, m);
 }
 

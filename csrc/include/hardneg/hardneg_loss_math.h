@@ -113,9 +113,10 @@ HN_HD float hardneg_ega_amp(float s, float s_pos, float beta, float margin) {
 // i.e. none on a confident row whose L is 1e-7. With d = m_neg - z_pos:
 //   d <= 0 (the positive leads):  L = log1p(l_neg exp(d)),         exact to a few ulp of L;
 //   d > 0:                        L = d + log(l_neg + exp(-d)),    L > d > 0, no cancellation.
-// No unmasked negative (l_neg = 0): L = 0.
+// No unmasked negative (l_neg = 0): L = 0, or NaN when z_pos is (a NaN input stays visible). A NaN
+// among the negatives reaches l_neg (the callers sum exp(NaN)) and so L.
 HN_HD float hardneg_row_loss(float z_pos, float m_neg, float l_neg) {
-  if (l_neg == 0.0f) return 0.0f;
+  if (l_neg == 0.0f) return z_pos - z_pos;
   const float d = m_neg - z_pos;
   if (d <= 0.0f) return log1pf(l_neg * hardneg_exp(d));
   return d + logf(l_neg + hardneg_exp(-d));

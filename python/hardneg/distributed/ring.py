@@ -64,7 +64,7 @@ def row_loss(z_pos: Tensor, m_neg: Tensor, l_neg: Tensor) -> Tensor:
         torch.log1p(l_neg * torch.exp(d.clamp(max=0))),
         d + torch.log(l_neg + torch.exp(-d.clamp(min=0))),
     )
-    return torch.where(l_neg == 0, torch.zeros_like(loss), loss)
+    return torch.where(l_neg == 0, z_pos - z_pos, loss)  # 0, or NaN for a NaN z_pos
 
 
 def keep_plan(layout: Layout, directions: int, keep_bytes: int) -> tuple[list[list[int]], int]:
