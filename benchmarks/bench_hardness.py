@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hardneg  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, hardness_report  # noqa: E402
 from benchmarks.hardness_losses import (  # noqa: E402
     cosface_loss,
     ega_surrogate_loss,
@@ -44,8 +43,6 @@ from benchmarks.hardness_losses import (  # noqa: E402
 )
 from benchmarks.hardness_task import RunConfig, World, WorldConfig, train  # noqa: E402
 
-METRICS = ("p1_hard", "p1_random", "cos_pos", "cos_hard1", "cos_hard5", "cos_easy5")
-T_CRIT = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
 WORLD = WorldConfig(noise=0.5)
 MAIN_RUN = RunConfig(items_per_step=128, steps=1000, eval_at=(250, 500))
 TAU = 0.02
@@ -62,7 +59,9 @@ EGA_GRID = {
     "c": [(50.0, 0.0), (50.0, 0.3)],
     "d": [(50.0, 0.0), (20.0, 0.3)],
 }
-# The chosen EGA: variant b with these defaults (the README's "Learning quality" section).
+# The chosen EGA: variant b (Pbar renormalised over the whole row) at beta 50, margin 0.3, the
+# middle of the grid's plateau (its neighbours 20/0.5, 50/0.5, 100/0.3 score within 1 point);
+# hardness_losses.ega_surrogate_loss's defaults. The README's "Learning quality" section.
 EGA_CHOSEN = {"loss": "ega_b", "beta": 50.0, "margin": 0.3}
 
 
@@ -143,6 +142,62 @@ def build_arms(sections: list[str]) -> list[dict]:
     return out
 
 
+# Paired comparisons across sections: (what, x arm, y arm, step or None for the final result).
+COMPARISONS = [
+    ("cross-device vs local negatives", ("main", "infonce"), ("groups", "infonce local x2"), None),
+    ("llave vs tuned-temperature infonce", ("main", "llave"), ("main", "infonce tau0.1"), None),
+    ("chosen EGA vs llave", ("main", "ega-b"), ("main", "llave"), None),
+    ("llave vs infonce at twice the pool", ("main", "llave"), ("pool", "infonce 256/step"), None),
+    ("mined negatives on top, infonce", ("hardneg", "infonce 128+1hn"), ("main", "infonce"), None),
+    ("mined negatives on top, llave", ("hardneg", "llave 128+1hn"), ("main", "llave"), None),
+    (
+        "mined vs in-batch at 128 candidates",
+        ("hardneg", "infonce 64+1hn"),
+        ("main", "infonce"),
+        None,
+    ),
+    ("temperature 0.1 vs 0.02, infonce", ("main", "infonce tau0.1"), ("main", "infonce"), None),
+    ("temperature 0.1 vs 0.02, llave", ("temperature", "llave tau0.1"), ("main", "llave"), None),
+    ("temperature 0.1 vs 0.02, EGA", ("temperature", "ega-b tau0.1"), ("main", "ega-b"), None),
+    (
+        "long run, llave - infonce",
+        ("long", "llave 4000 tau0.1"),
+        ("long", "infonce 4000 tau0.1"),
+        250,
+    ),
+    (
+        "long run, llave - infonce",
+        ("long", "llave 4000 tau0.1"),
+        ("long", "infonce 4000 tau0.1"),
+        500,
+    ),
+    (
+        "long run, llave - infonce",
+        ("long", "llave 4000 tau0.1"),
+        ("long", "infonce 4000 tau0.1"),
+        2000,
+    ),
+    (
+        "long run, EGA - infonce",
+        ("long", "ega-b 4000 tau0.1"),
+        ("long", "infonce 4000 tau0.1"),
+        250,
+    ),
+    (
+        "long run, EGA - infonce",
+        ("long", "ega-b 4000 tau0.1"),
+        ("long", "infonce 4000 tau0.1"),
+        2000,
+    ),
+    (
+        "4000 vs 1000 steps, infonce tau 0.1",
+        ("long", "infonce 4000 tau0.1"),
+        ("main", "infonce tau0.1"),
+        None,
+    ),
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses and runs
 # ---------------------------------------------------------------------------------------------
@@ -216,179 +271,56 @@ def run_one(a: dict, seed: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Statistics and output
-# ---------------------------------------------------------------------------------------------
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def paired(x: list[float], y: list[float]) -> dict:
-    """Mean +- std of the per-seed differences x - y and the paired t statistic."""
-    d = [a - b for a, b in zip(x, y, strict=True)]
-    m, s = mean_std(d)
-    n = len(d)
-    t = m / (s / n**0.5) if s > 0 else (float("inf") if m else 0.0)
-    return {"mean": m, "std": s, "t": t, "beyond_noise": n > 1 and abs(t) > T_CRIT.get(n, 2.0)}
-
-
-def summarise(arms: list[dict], runs: dict[str, dict], seeds: list[int]) -> list[dict]:
-    rows = []
-    by_label = {(a["section"], a["label"]): a for a in arms}
-    for a in arms:
-        per_seed = [runs[run_key(a, s)] for s in seeds]
-        row = {"section": a["section"], "label": a["label"], "arm": a, "seeds": seeds}
-        for m in METRICS:
-            row[m] = mean_std([r[m] for r in per_seed])
-        row["per_seed_p1_hard"] = [r["p1_hard"] for r in per_seed]
-        row["curve"] = [
-            {"step": c["step"], "p1_hard": mean_std([r["curve"][i]["p1_hard"] for r in per_seed])}
-            for i, c in enumerate(per_seed[0]["curve"])
-        ]
-        row["cpu_s"] = statistics.fmean(r["cpu_s"] for r in per_seed)
-        base = by_label.get((a["section"], a["vs"])) if a["vs"] else None
-        if base is not None:
-            base_runs = [runs[run_key(base, s)] for s in seeds]
-            row["vs"] = a["vs"]
-            row["diff_p1_hard"] = paired(row["per_seed_p1_hard"], [r["p1_hard"] for r in base_runs])
-        rows.append(row)
-    return rows
-
-
-def _pm(ms: tuple[float, float], digits: int = 1) -> str:
-    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
-
-
-def markdown(rows: list[dict], record: dict) -> str:
-    mach = record["machine"]
-    lines = [
-        f"# Learning quality: hardness-aware losses on the controlled task ({mach['date']})",
-        "",
-        f"{mach['cpu']}, {mach['logical_cores']} logical cores (shared with other work), one "
-        f"torch thread; torch {mach['torch']}, hardneg {mach['hardneg']} ({mach['git_commit']}). "
-        f"Seeds {record['seeds']}; world {record['world']}. P@1 in %: hard split = positive + the "
-        "28 items one attribute away (chance 3.4%), random = positive + 99 random items (chance "
-        "1%). cos: mean cosine of the positive, the hardest negative, the 5 hardest and 5 easiest "
-        "of the gallery (LLaVE Table 1). diff: paired per-seed difference of hard-split P@1 vs the "
-        "named arm, mean ± std, and its t statistic (* beyond seed noise, |t| > t_0.975).",
-        "",
-    ]
-    header = "| arm | P@1 hard | P@1 random | cos pos | cos hard-1 | cos hard-5 | cos easy-5 "
-    header += "| diff P@1 hard (vs) | t | CPU s/run |"
-    for section in dict.fromkeys(r["section"] for r in rows):
-        lines += [f"## {section}", "", header, "|---|" + "---:|" * 9]
-        for r in (r for r in rows if r["section"] == section):
-            d = r.get("diff_p1_hard")
-            diff = f"{_pm((d['mean'], d['std']))} ({r['vs']})" if d else ""
-            t = f"{d['t']:.1f}{'*' if d['beyond_noise'] else ''}" if d else ""
-            cells = [r["label"], _pm(r["p1_hard"]), _pm(r["p1_random"])]
-            cells += [_pm(r[m], 3) for m in METRICS[2:]] + [diff, t, f"{r['cpu_s']:.1f}"]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    curves = [r for r in rows if len(r["curve"]) > 1 and r["section"] in ("main", "long")]
-    if curves:
-        lines += ["## learning curves (hard-split P@1 by step)", ""]
-        for r in curves[:3] + [r for r in curves if r["section"] == "long"]:
-            pts = ", ".join(f"{c['step']}: {c['p1_hard'][0]:.1f}" for c in r["curve"])
-            lines.append(f"- {r['section']} / {r['label']}: {pts}")
-        lines.append("")
-    lines.append(f"Command: `{record['command']}`; {record['cpu_total_s']:.0f} CPU s in all.")
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(2, 2, figsize=(13, 9))
-    main = [r for r in rows if r["section"] == "main"]
-    if main:
-        a = ax[0, 0]
-        y = range(len(main))
-        a.barh(y, [r["p1_hard"][0] for r in main], xerr=[r["p1_hard"][1] for r in main])
-        a.set_yticks(list(y), [r["label"] for r in main], fontsize=8)
-        a.invert_yaxis()
-        a.set_xlabel("hard-split P@1 (%)")
-        a.set_title("main regime: 128 items/step, tau 0.02, 1000 steps")
-    grid = [r for r in rows if r["section"] == "ega" and r["arm"]["loss"].startswith("ega")]
-    if grid:
-        a = ax[0, 1]
-        for variant in EGA_VARIANTS:
-            pts = [r for r in grid if r["label"].startswith(f"ega-{variant} ")]
-            a.scatter([r["cos_pos"][0] for r in pts], [r["p1_hard"][0] for r in pts], label=variant)
-        for r in (r for r in rows if r["section"] == "main" and r["label"] in ("infonce", "llave")):
-            a.axhline(r["p1_hard"][0], ls="--", lw=1, color="grey")
-            a.annotate(r["label"], (a.get_xlim()[0], r["p1_hard"][0]), fontsize=8)
-        a.set_xlabel("positives' mean cosine")
-        a.set_ylabel("hard-split P@1 (%)")
-        a.set_title("EGA variants over the beta x margin grid")
-        a.legend(title="variant", fontsize=8)
-    a = ax[1, 0]
-    for r in rows:
-        if (
-            r["section"] in ("main", "long")
-            and len(r["curve"]) > 1
-            and r["label"][:5]
-            in (
-                "infon",
-                "llave",
-                "ega-b",
-            )
-        ):
-            if r["section"] == "main" and r["label"] not in ("infonce", "llave", "ega-b"):
-                continue
-            steps = [c["step"] for c in r["curve"]]
-            ls = "-" if r["section"] == "long" else ":"
-            a.plot(steps, [c["p1_hard"][0] for c in r["curve"]], ls, marker="o", label=r["label"])
-    a.set_xscale("log")
-    a.set_xlabel("step")
-    a.set_ylabel("hard-split P@1 (%)")
-    a.set_title("learning curves (dotted: tau 0.02; solid: tau 0.1)")
-    a.legend(fontsize=8)
-    a = ax[1, 1]
-    for section in ("pool", "groups", "hardneg"):
-        sec = [r for r in rows if r["section"] == section]
-        for loss in ("infonce", "llave", "ega-b"):
-            pts = [r for r in sec if r["label"].startswith(loss)]
-            if pts:
-                a.errorbar(
-                    [r["label"][len(loss) :].strip() for r in pts],
-                    [r["p1_hard"][0] for r in pts],
-                    yerr=[r["p1_hard"][1] for r in pts],
-                    marker="o",
-                    ls="",
-                    label=f"{loss}",
-                    color={"infonce": "C0", "llave": "C1", "ega-b": "C2"}[loss],
-                )
-    a.tick_params(axis="x", labelrotation=45, labelsize=8)
-    a.set_ylabel("hard-split P@1 (%)")
-    a.set_title("negative pool: items/step, local groups, explicit hard negatives")
-    handles, labels = a.get_legend_handles_labels()
-    a.legend(handles[:3], labels[:3], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------
 # Entry
 # ---------------------------------------------------------------------------------------------
 
 SECTIONS = ("main", "pool", "groups", "hardneg", "temperature", "long", "noise", "ega")
 
 
+def custom_arms(specs: list[str]) -> list[dict]:
+    """Arms from "key=value ..." strings (--arm), each with an infonce baseline at tau 0.02 in
+    the same world and run regime. Keys: loss (infonce, llave, ega, ega_b, ega_c, ega_d,
+    cosface, llave_nosg), tau, alpha, beta, margin; any RunConfig or WorldConfig field."""
+    run_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"eval_at"}
+    world_fields = {f.name for f in dataclasses.fields(WorldConfig)}
+    out: list[dict] = []
+    for spec in specs:
+        kv = dict(item.split("=", 1) for item in spec.split())
+        loss = kv.pop("loss", "llave")
+        tau = float(kv.pop("tau", TAU))
+        params = {k: float(kv.pop(k)) for k in ("alpha", "beta", "margin") if k in kv}
+        run = {k: int(kv.pop(k)) if k != "lr" else float(kv.pop(k)) for k in run_fields & set(kv)}
+        world = {k: type(getattr(WORLD, k))(kv.pop(k)) for k in world_fields & set(kv)}
+        if kv:
+            raise ValueError(f"--arm {spec!r}: unknown keys {sorted(kv)}")
+        regime = {
+            "run": dataclasses.replace(MAIN_RUN, **run),
+            "world": dataclasses.replace(WORLD, **world),
+        }
+        section = f"custom {' '.join(f'{k}={v}' for k, v in {**run, **world}.items())}".strip()
+        out += [
+            arm(section, "infonce", "infonce", **regime),
+            arm(section, spec, loss, vs="infonce", tau=tau, **regime, **params),
+        ]
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (paired per arm)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {SECTIONS}")
+    p.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        help='a custom arm, e.g. "loss=llave alpha=3 tau=0.05 items_per_step=64 groups=2 '
+        'hard_negatives=1 steps=500 noise=1.0" (with --sections "" to run only these)',
+    )
     p.add_argument("--cache", type=Path, help="JSON lines of finished runs, to resume from")
     p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.sections = args.sections.split(",")
+    args.sections = [s for s in args.sections.split(",") if s]
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
@@ -424,22 +356,26 @@ def run_all(arms: list[dict], seeds: list[int], cache: Path | None) -> dict[str,
 def main(argv=None) -> Path:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    arms = build_arms(args.sections)
+    arms = build_arms(args.sections) + custom_arms(args.arm)
     runs = run_all(arms, args.seeds, args.cache)
-    rows = summarise(arms, runs, args.seeds)
+    results = {(a["section"], a["label"]): [runs[run_key(a, s)] for s in args.seeds] for a in arms}
+    rows = hardness_report.summarise(arms, results, args.seeds)
     record = {
         "machine": common.machine_record(),
-        "command": "python benchmarks/bench_hardness.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/bench_hardness.py " + " ".join(argv or sys.argv[1:]),
         "seeds": args.seeds,
         "world": dataclasses.asdict(WORLD),
         "ega_chosen": EGA_CHOSEN,
-        "cpu_total_s": sum(r["cpu_s"] for r in runs.values()),
+        "cpu_total_s": sum(
+            runs[k]["cpu_s"] for k in {run_key(a, s) for a in arms for s in args.seeds}
+        ),
+        "comparisons": hardness_report.compare(rows, COMPARISONS),
         "rows": rows,
     }
     json_path = common.write_results(
-        "bench_hardness", record, markdown(rows, record), out_dir=args.out_dir
+        "bench_hardness", record, hardness_report.markdown(rows, record), out_dir=args.out_dir
     )
-    plot(rows, json_path.with_suffix(".png"))
+    hardness_report.plot(rows, json_path.with_suffix(".png"), tuple(EGA_VARIANTS))
     print(f"wrote {json_path} (+ .md, .png)")
     return json_path
 

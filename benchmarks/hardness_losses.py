@@ -129,13 +129,17 @@ def ega_surrogate_loss(
     target_ids: Tensor | None = None,
     hard_negative_ids: Tensor | None = None,
     temperature: float = 0.02,
-    beta: float = 2.0,
-    margin: float = 0.0,
+    beta: float = 50.0,
+    margin: float = 0.3,
     normalise: str = "row",
     threshold: bool = True,
 ) -> Tensor:
     """Symmetric EGA loss (module docstring), mean over queries: InfoNCE's value, the gradient
-    (Pbar - Y) / tau of the chosen variant. query, target (B, D); hard_negatives (B, M, D)."""
+    (Pbar - Y) / tau of the chosen variant. query, target (B, D); hard_negatives (B, M, D).
+
+    The defaults are the recommended EGA (benchmarks/bench_hardness.py's study): normalise="row",
+    threshold=True, beta=50, margin=0.3, i.e. dL_i/ds_ij = (softmax_j(z_ij + u_ij) - Y_ij) / tau
+    with u_ij = 50 * max(0, s_ij - s_ip + 0.3) on negatives and u_ip = 0; the value is InfoNCE."""
 
     def direction(s, fn):
         return _EgaDirection.apply(s, fn, temperature, beta, margin, normalise, threshold)

@@ -3,6 +3,8 @@ instrument separates a working loss from broken ones at a fixed seed (one core, 
 
 from __future__ import annotations
 
+import inspect
+import json
 import sys
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import hardneg  # noqa: E402
 from hardneg.reference import hardneg_loss_reference  # noqa: E402
 
 from benchmarks import bench_hardness as bench  # noqa: E402
+from benchmarks import hardness_report  # noqa: E402
 from benchmarks.hardness_losses import ega_pbar, ega_surrogate_loss  # noqa: E402
 from benchmarks.hardness_task import RunConfig, World, WorldConfig, train  # noqa: E402
 
@@ -176,17 +179,33 @@ def test_train_is_deterministic_and_checks_groups():
 
 
 def test_paired_statistics_and_arms():
-    d = bench.paired([3.0, 5.0, 7.0], [1.0, 2.0, 3.0])  # differences 2, 3, 4
+    d = hardness_report.paired([3.0, 5.0, 7.0], [1.0, 2.0, 3.0])  # differences 2, 3, 4
     assert d["mean"] == 3.0 and d["std"] == 1.0 and d["t"] == pytest.approx(3 * 3**0.5)
     assert d["beyond_noise"]  # t 5.2 > 4.30, the two-sided 5% point at 2 degrees of freedom
-    assert not bench.paired([3.0, 5.0, 9.0], [1.0, 2.0, 3.0])["beyond_noise"]  # t 3.05
-    assert bench.paired([2.0, 3.0, 4.0, 5.0, 6.0], [0.0] * 5)["beyond_noise"]
+    assert not hardness_report.paired([3.0, 5.0, 9.0], [1.0, 2.0, 3.0])["beyond_noise"]  # t 3.05
+    assert hardness_report.paired([2.0, 3.0, 4.0, 5.0, 6.0], [0.0] * 5)["beyond_noise"]
     arms = bench.build_arms(list(bench.SECTIONS))
     labels = [(a["section"], a["label"]) for a in arms]
     assert len(set(labels)) == len(labels)
     assert all(a["vs"] is None or (a["section"], a["vs"]) in labels for a in arms)
     with pytest.raises(ValueError, match="unknown loss"):
         bench.make_loss({**arms[0], "loss": "focal"})
+
+
+def test_custom_arm_end_to_end(tmp_path):
+    """--arm runs an arm and its infonce baseline, writes JSON, markdown and the plot."""
+    argv = ["--sections", "", "--seeds", "0,1", "--out-dir", str(tmp_path)]
+    argv += ["--arm", "loss=ega_b beta=50 margin=0.3 items_per_step=16 steps=3 noise=0.7"]
+    json_path = bench.main(argv)
+    record = json.loads(json_path.read_text())
+    rows = {r["label"]: r for r in record["rows"]}
+    assert set(rows) == {"infonce", argv[-1]}
+    assert rows[argv[-1]]["arm"]["run"]["items_per_step"] == 16
+    assert rows[argv[-1]]["arm"]["world"]["noise"] == 0.7
+    assert len(rows[argv[-1]]["per_seed_p1_hard"]) == 2 and "diff_p1_hard" in rows[argv[-1]]
+    assert json_path.with_suffix(".md").exists() and json_path.with_suffix(".png").exists()
+    with pytest.raises(ValueError, match="unknown keys"):
+        bench.custom_arms(["loss=llave colour=red"])
 
 
 def test_instrument_separates_working_from_broken_losses():
@@ -207,3 +226,12 @@ def test_instrument_separates_working_from_broken_losses():
     assert no_sg["cos_pos"] < 0  # collapsed: queries pushed away from their positives
     assert llave["p1_hard"] > flipped["p1_hard"] + 20
     assert llave["p1_hard"] > infonce["p1_hard"] + 8
+
+
+def test_chosen_ega_is_the_surrogate_default():
+    """ega_surrogate_loss's defaults are the benchmark's recommended EGA."""
+    params = inspect.signature(ega_surrogate_loss).parameters
+    normalise, threshold = bench.EGA_VARIANTS[bench.EGA_CHOSEN["loss"].removeprefix("ega_")]
+    assert (params["normalise"].default, params["threshold"].default) == (normalise, threshold)
+    assert params["beta"].default == bench.EGA_CHOSEN["beta"]
+    assert params["margin"].default == bench.EGA_CHOSEN["margin"]
