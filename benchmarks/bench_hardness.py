@@ -10,9 +10,12 @@ initialisation, batches and views); "beyond seed noise" means a paired t statist
 
 Sections (--sections): main (128 items per step, tau 0.02, 1000 steps, and the controls), pool
 (items per step), groups (negatives local to simulated ranks), hardneg (explicit mined hard
-negatives at a fixed candidate budget), temperature, long (4000 steps at tau 0.1, with learning
-curves), noise, and ega (the variants' beta x margin grid). One run takes a few seconds on one
-core; the full grid about 20 CPU minutes.
+negatives, at a fixed candidate budget and on top of the batch), temperature, long (4000 steps at
+tau 0.1, with learning curves), noise, and ega (the variants' beta x margin grid). One run takes a
+few seconds on one core; the full grid about 25 CPU minutes (70 distinct arms x 5 seeds).
+Cross-device negatives are simulated: the loss over the whole step against the mean of the losses
+over `groups` slices (hardneg's group= loss equals the single-process loss over the
+concatenation: tests/distributed).
 
     nice -n 10 python benchmarks/bench_hardness.py   # results/bench_hardness_<machine>_<date>.*
     python benchmarks/bench_hardness.py --sections main --seeds 0,1

@@ -179,6 +179,9 @@ def _panel_curves(a, rows) -> bool:
             drawn = True
     if drawn:
         a.set_xscale("log")
+        steps = sorted({c["step"] for r in rows for c in r["curve"]})
+        a.set_xticks(steps, [str(x) for x in steps], minor=False)
+        a.minorticks_off()
         a.set_xlabel("step")
         a.set_ylabel("hard-split P@1 (%)")
         a.set_title("learning curves (mean over seeds)")
@@ -187,19 +190,22 @@ def _panel_curves(a, rows) -> bool:
 
 
 def _panel_pool(a, rows) -> bool:
-    regimes = [("main", "", "128/step")]
+    regimes = []
     for r in rows:
         if r["section"] in ("pool", "groups", "hardneg") and r["label"].startswith("infonce "):
             suffix = r["label"][len("infonce") :]
             regimes.append((r["section"], suffix, suffix.strip()))
-    if len(regimes) == 1:
+    if not regimes:
         return False
+    # The main regime (128 items per step) sits between 64 and 256 items per step.
+    at = next((i for i, reg in enumerate(regimes) if reg[2] == "256/step"), 0)
+    regimes.insert(at, ("main", "", "128/step"))
     by_key = {(r["section"], r["label"]): r for r in rows}
     for i, loss in enumerate(LOSSES):
-        pts = [(name, by_key.get((sec, loss + suffix))) for sec, suffix, name in regimes]
-        pts = [(name, r) for name, r in pts if r is not None]
+        pts = [(x, by_key.get((sec, loss + suffix))) for x, (sec, suffix, _) in enumerate(regimes)]
+        pts = [(x, r) for x, r in pts if r is not None]
         a.errorbar(
-            [name for name, _ in pts],
+            [x + 0.15 * (i - 1) for x, _ in pts],
             [r["p1_hard"][0] for _, r in pts],
             yerr=[r["p1_hard"][1] for _, r in pts],
             marker="o",
@@ -207,10 +213,10 @@ def _panel_pool(a, rows) -> bool:
             label=loss,
             color=f"C{i}",
         )
-    a.tick_params(axis="x", labelrotation=45, labelsize=8)
+    a.set_xticks(range(len(regimes)), [name for _, _, name in regimes], rotation=30, fontsize=8)
     a.set_ylabel("hard-split P@1 (%)")
     a.set_title("negative pool: items/step, local groups, mined hard negatives (+hn)")
-    a.legend(fontsize=8)
+    a.legend(fontsize=8, loc="lower right")
     return True
 
 
