@@ -2,7 +2,7 @@
 
 engine.save_checkpoint writes torch.save pickles (mp_rank_*_model_states.pt,
 zero_pp_rank_*_optim_states.pt), and DeepSpeed's own TorchCheckpointEngine.load reads them back
-with torch.load(weights_only=False) (deepspeed 0.19: runtime/checkpoint_engine/
+with a full unpickle, weights_only off (deepspeed 0.19: runtime/checkpoint_engine/
 torch_checkpoint_engine.py), which runs whatever code a tampered file carries. The engine's
 load_checkpoint reads every file through engine.checkpoint_engine, so hardneg swaps in
 `SafeTorchCheckpointEngine`: saving is unchanged, loading allows tensors, plain data and the few
