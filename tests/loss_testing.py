@@ -328,3 +328,35 @@ def compare_with_reference(
         check_close({"loss": got["loss"]}, truth, plain_fp32, **rule)
         check_rounding_only(got, loss_and_grads(loss_fn, inputs, dtype=torch.float32, **call))
     return got
+
+
+# ---------------------------------------------------------------------------------------------
+# A gloo world for the cross-device checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _gloo_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_world(fn: Callable, *args, world_size: int = 2) -> None:
+    """Runs fn(rank, *args) on every rank of a fresh gloo world of CPU processes (one thread each);
+    fn must be a module-level function. A failure on any rank raises here."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_entry, args=(world_size, port, fn, args), nprocs=world_size, join=True)

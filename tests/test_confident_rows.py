@@ -14,14 +14,12 @@ losses span 1e-7 .. 1e-4 whatever the mode's logit scale.
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hardneg import fused_hardneg_loss, hardneg_loss_reference
+from loss_testing import run_gloo_world
 
 B, D, M = 48, 32, 3
 TAU, ALPHA = 0.02, 9.0
@@ -86,39 +84,30 @@ def test_confident_rows_within_1e_4_relative_and_better_than_eager_fp32(mode):
         assert err <= 1e-4, f"{name}: relative error {err:.2e}"
 
 
-def _worker(rank: int, port: int, mode: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        inputs = {k: v.float() for k, v in _confident_inputs(mode).items()}
-        sl = slice(0, B // 2) if rank == 0 else slice(B // 2, B)
-        local = {k: v[sl].clone().requires_grad_() for k, v in inputs.items()}
-        loss = fused_hardneg_loss(
-            local["query"],
-            local["target"],
-            hard_negatives=local["hard_negatives"],
-            mode=mode,
-            temperature=TAU,
-            reduction="none",
-            group=dist.group.WORLD,
-            strategy="ring",
-            keep_logits_bytes=0,  # backward recomputes: the block kernels' full path
-            **OPTIONS[mode],
-        )
-        loss.sum().backward()
-        torch.save({"loss": loss.detach(), "d_query": local["query"].grad}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, mode: str, out: str) -> None:
+    inputs = {k: v.float() for k, v in _confident_inputs(mode).items()}
+    sl = slice(0, B // 2) if rank == 0 else slice(B // 2, B)
+    local = {k: v[sl].clone().requires_grad_() for k, v in inputs.items()}
+    loss = fused_hardneg_loss(
+        local["query"],
+        local["target"],
+        hard_negatives=local["hard_negatives"],
+        mode=mode,
+        temperature=TAU,
+        reduction="none",
+        group=dist.group.WORLD,
+        strategy="ring",
+        keep_logits_bytes=0,  # backward recomputes: the block kernels' full path
+        **OPTIONS[mode],
+    )
+    loss.sum().backward()
+    torch.save({"loss": loss.detach(), "d_query": local["query"].grad}, f"{out}.{rank}")
 
 
 @pytest.mark.parametrize("mode", ["llave", "ega"])
 def test_ring_block_schedule_is_exact_on_confident_rows(mode, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "ring")
-    mp.spawn(_worker, args=(port, mode, out), nprocs=2, join=True)
+    run_gloo_world(_worker, mode, out)
     parts = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     got_loss = torch.cat([p["loss"] for p in parts]).double()
     got_dq = torch.cat([p["d_query"] for p in parts]).double()

@@ -11,15 +11,18 @@ that dtype + one rounding's floor).
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hardneg import _gemm, fused_hardneg_loss
-from loss_testing import check_close, loss_and_grads, make_inputs, reference_outputs, rule_for
+from loss_testing import (
+    check_close,
+    loss_and_grads,
+    make_inputs,
+    reference_outputs,
+    rule_for,
+    run_gloo_world,
+)
 
 MODES = ("infonce", "llave", "ega")
 
@@ -80,34 +83,25 @@ def test_rounding_dS_to_the_input_dtype_is_visible():
     assert diff > 0
 
 
-def _worker(rank: int, port: int, strategy: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _worker(rank: int, strategy: str, out: str) -> None:
     _gemm.EMULATE_ON_CPU = True
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        inputs = make_inputs(12, 40, 2, ids=True, dtype=torch.bfloat16)
-        sl = slice(0, 7) if rank == 0 else slice(7, 12)
-        local = {k: v[sl] for k, v in inputs.items()}
-        got = loss_and_grads(
-            lambda q, t, **kw: fused_hardneg_loss(
-                q, t, group=dist.group.WORLD, strategy=strategy, chunk_size=3, **kw
-            ),
-            local,
-            symmetric=True,
-        )
-        torch.save({k: v.float() for k, v in got.items()}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    inputs = make_inputs(12, 40, 2, ids=True, dtype=torch.bfloat16)
+    sl = slice(0, 7) if rank == 0 else slice(7, 12)
+    local = {k: v[sl] for k, v in inputs.items()}
+    got = loss_and_grads(
+        lambda q, t, **kw: fused_hardneg_loss(
+            q, t, group=dist.group.WORLD, strategy=strategy, chunk_size=3, **kw
+        ),
+        local,
+        symmetric=True,
+    )
+    torch.save({k: v.float() for k, v in got.items()}, f"{out}.{rank}")
 
 
 @pytest.mark.parametrize("strategy", ["ring", "allgather"])
 def test_cross_device_low_precision_path(strategy, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "grads")
-    mp.spawn(_worker, args=(port, strategy, out), nprocs=2, join=True)
+    run_gloo_world(_worker, strategy, out)
     inputs = make_inputs(12, 40, 2, ids=True, dtype=torch.bfloat16)
     plain = reference_outputs(inputs, dtype=torch.bfloat16, symmetric=True)
     truth = reference_outputs(inputs, dtype=torch.float64, symmetric=True)

@@ -5,12 +5,11 @@ batch says (2 gloo ranks, uneven batches)."""
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hardneg import fused_hardneg_loss, hardneg_loss_reference
+from loss_testing import run_gloo_world
 
 SIZES, D, M = (5, 3), 16, 2
 
@@ -28,38 +27,29 @@ def _global_inputs():
     return q, t, h, ids
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        q, t, h, ids = _global_inputs()
-        lo = sum(SIZES[:rank])
-        sl = slice(lo, lo + SIZES[rank])
-        errors = {}
-        want = hardneg_loss_reference(q, t, hard_negatives=h, target_ids=ids, symmetric=True)
-        for strategy in ("ring", "allgather"):
-            leaves = [x[sl].float().requires_grad_() for x in (q, t, h)]
-            loss = fused_hardneg_loss(
-                leaves[0],
-                leaves[1],
-                hard_negatives=leaves[2],
-                target_ids=ids[sl],
-                symmetric=True,
-                group=dist.group.WORLD,
-                strategy=strategy,
-            )
-            errors[strategy] = abs(loss.item() - want.item()) / want.item()
-        torch.save(errors, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, out_dir: str) -> None:
+    q, t, h, ids = _global_inputs()
+    lo = sum(SIZES[:rank])
+    sl = slice(lo, lo + SIZES[rank])
+    errors = {}
+    want = hardneg_loss_reference(q, t, hard_negatives=h, target_ids=ids, symmetric=True)
+    for strategy in ("ring", "allgather"):
+        leaves = [x[sl].float().requires_grad_() for x in (q, t, h)]
+        loss = fused_hardneg_loss(
+            leaves[0],
+            leaves[1],
+            hard_negatives=leaves[2],
+            target_ids=ids[sl],
+            symmetric=True,
+            group=dist.group.WORLD,
+            strategy=strategy,
+        )
+        errors[strategy] = abs(loss.item() - want.item()) / want.item()
+    torch.save(errors, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_both_strategies_never_mask_hard_negatives_without_ids(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    run_gloo_world(_worker, str(tmp_path))
     q, t, h, ids = _global_inputs()
     # The comparison can fail: masking the hard negatives that share a positive's id moves the loss.
     h_ids = ids[:, None].expand(-1, M).clone()
