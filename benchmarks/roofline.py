@@ -17,11 +17,11 @@ predictions are lower bounds. Elementwise passes are counted from the code each 
   hardneg        python/hardneg/loss.py, _schedule.row_pass, _gemm and the CUDA kernel
                  (csrc/cuda/hardneg_loss.cuh): per chunk of R rows the S GEMM writes fp32 S; the
                  kernel reads S for the statistics, reads it again and writes fp32 dS in place;
-                 _gemm casts dS to bf16 twice (a.to(b.dtype) for dQ, then for dC); the gradient
-                 GEMMs read the bf16 copies; dC accumulates in fp32 across chunks (addmm with an
+                 _gemm.grad_operand casts dS to bf16 once per column block; both gradient
+                 GEMMs read that copy; dC accumulates in fp32 across chunks (addmm with an
                  fp32 accumulator, which _gemm probes; without it each update adds a product and
                  an add). check_finite reads the inputs (isfinite, then all); backward scales dq,
-                 dc (fp32) and casts them to bf16.
+                 dc (fp32) into bf16 in one pass (loss._scaled).
   eager_autocast benchmarks/torch_eager.py: bf16 logits, the llave shift (mul, add), the mask
                  (bool B x N, masked_fill), then F.cross_entropy. On CUDA it calls log_softmax
                  with the logits' own dtype (aten LossNLL.cpp), which autocast's fp32 rule for
@@ -34,9 +34,9 @@ predictions are lower bounds. Elementwise passes are counted from the code each 
                  sub_ + exp_, mul_, addmm_ into bf16 accumulators.
   gemm           the floor: S = Q C^T (bf16 operands, fp32 S), dQ = dS C, dC = dS^T Q (bf16 dS).
 hardneg variants show what the 1.3x target needs: "bf16 dS" (the kernel writes dS in bf16, so the
-two casts go), "one read" (also one read of S per row, the row kept in shared memory: possible
+cast goes), "one read" (also one read of S per row, the row kept in shared memory: possible
 while 4 N bytes fit the 227 KiB a block can have on sm_90, i.e. N <= 58,112), "lean" (also no
-check_finite scan and one fused scale-and-cast of the gradients in backward).
+check_finite scan: check_finite=False).
 
     python -m benchmarks.roofline [--out DIR] [--date YYYY-MM-DD]   # writes roofline_loss_*
 
@@ -168,15 +168,13 @@ def hardneg_kernels(shape: Shape, gpu: Gpu, e: int = 2, **variant) -> list[Kerne
             out.append(mem(f"{tag} kernel", stats + 4 * r * N + (2 if bf16_ds else 4) * r * N))
             ds_e = 2 if bf16_ds else e
             for k, K in enumerate(blocks):
-                if not bf16_ds:
-                    out.append(mem(f"{tag} dS -> bf16 (dQ)", (4 + e) * r * K))
+                if not bf16_ds and e != 4:
+                    out.append(mem(f"{tag} dS -> bf16", (4 + e) * r * K))
                 out.append(gemm(f"{tag} dQ = dS C", r, D, K, ds_e, e, 4, acc=accumulate or k > 0))
-                if not bf16_ds:
-                    out.append(mem(f"{tag} dS^T -> bf16 (dC)", (4 + e) * r * K))
                 acc = accumulate or c > 0
                 out.append(gemm(f"{tag} dC = dS^T Q", K, D, r, ds_e, e, 4, acc=acc))
-    # backward: dq * grad_output, dc * grad_output (fp32), then .to(input dtype)
-    per_elem = (4 + e) if lean else (8 + (4 + e if e != 4 else 0))
+    # backward: dq * grad_output, dc * grad_output, read in fp32 and written in the input dtype
+    per_elem = 4 + e
     out.append(mem("backward scale + cast", per_elem * (shape.B + shape.N) * D))
     return out
 
