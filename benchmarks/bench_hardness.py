@@ -64,7 +64,8 @@ EGA_GRID = {
 }
 # The chosen EGA: variant b (Pbar renormalised over the whole row) at beta 50, margin 0.3, the
 # middle of the grid's plateau (its neighbours 20/0.5, 50/0.5, 100/0.3 score within 1 point);
-# hardness_losses.ega_surrogate_loss's defaults. The README's "Learning quality" section.
+# hardness_losses.ega_surrogate_loss's defaults, and hardneg's mode="ega" with its defaults (the
+# main section's fused arm, paired against the plain-torch one). README "Learning quality".
 EGA_CHOSEN = {"loss": "ega_b", "beta": 50.0, "margin": 0.3}
 
 
@@ -102,12 +103,17 @@ def _chosen_params() -> dict:
     return {"beta": EGA_CHOSEN["beta"], "margin": EGA_CHOSEN["margin"]}
 
 
+def _fused_ega_defaults() -> dict:
+    return {"beta": hardneg.EGA_BETA, "margin": hardneg.EGA_MARGIN}
+
+
 def build_arms(sections: list[str]) -> list[dict]:
     out: list[dict] = []
     if "main" in sections:
         s = "main"
         out += _three(s, "")
         out += [
+            arm(s, "ega (fused, default)", "ega", vs="ega-b", **_fused_ega_defaults()),
             arm(s, "ega-a (old default 2/0)", "ega_a", vs="infonce", beta=2.0, margin=0.0),
             arm(s, "cosface m0.1", "cosface", vs="infonce", margin=0.1),
             arm(s, "cosface m0.2", "cosface", vs="infonce", margin=0.2),
@@ -220,8 +226,8 @@ def make_loss(a: dict):
             mode=loss,
             temperature=tau,
             alpha=p.get("alpha", 9.0),
-            ega_beta=p.get("beta", 2.0),
-            ega_margin=p.get("margin", 0.0),
+            ega_beta=p.get("beta", hardneg.EGA_BETA),
+            ega_margin=p.get("margin", hardneg.EGA_MARGIN),
             symmetric=True,
         )
 

@@ -227,7 +227,12 @@ def test_instrument_separates_working_from_broken_losses():
 
 
 def test_chosen_ega_is_the_surrogate_default():
-    """ega_surrogate_loss's defaults are the benchmark's recommended EGA."""
+    """ega_surrogate_loss's defaults are the benchmark's recommended EGA, and so are hardneg's
+    mode="ega" defaults (the op is variant b: test_ega_variant_b_is_the_kernels_reconstruction)."""
+    assert (hardneg.EGA_BETA, hardneg.EGA_MARGIN) == (
+        bench.EGA_CHOSEN["beta"],
+        bench.EGA_CHOSEN["margin"],
+    )
     params = inspect.signature(ega_surrogate_loss).parameters
     normalise, threshold = bench.EGA_VARIANTS[bench.EGA_CHOSEN["loss"].removeprefix("ega_")]
     assert (params["normalise"].default, params["threshold"].default) == (normalise, threshold)

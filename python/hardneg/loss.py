@@ -271,7 +271,10 @@ def fused_hardneg_loss(
                 ega_margin) for j != p(i), u_{i,p(i)} = 0, u not differentiated (masked
                 candidates excluded): the renormalised amplification, sum_j Pbar_ij = 1. This is a
                 documented reconstruction of QQMM-embed's gradient amplifier (its exact formula
-                is unpublished).
+                is unpublished). Defaults ega_beta = 50, ega_margin = 0.3, chosen on the
+                controlled benchmark (benchmarks/bench_hardness.py, README "Learning quality"):
+                a negative within 0.3 cosine of its positive is weighted by
+                e^(50 (s - s_pos + 0.3)) before the row is renormalised.
       L_i = logsumexp_j z_ij - z_{i,p(i)}; symmetric: (L_q->t + L_t->q) / 2 where the t->q
       direction ranks the queries for each in-batch target (hard negatives take no part).
 
