@@ -51,7 +51,7 @@ MAIN_RUN = RunConfig(items_per_step=128, steps=1000, eval_at=(250, 500))
 TAU = 0.02
 # EGA variants: (normalise, threshold) of benchmarks/hardness_losses.py.
 EGA_VARIANTS = {
-    "a": ("none", True),  # the kernels' current reconstruction, run through the fused op
+    "a": ("none", True),  # the kernels' form before the renormalisation
     "b": ("row", True),
     "c": ("negatives", True),
     "d": ("row", False),
@@ -64,7 +64,8 @@ EGA_GRID = {
 }
 # The chosen EGA: variant b (Pbar renormalised over the whole row) at beta 50, margin 0.3, the
 # middle of the grid's plateau (its neighbours 20/0.5, 50/0.5, 100/0.3 score within 1 point);
-# hardness_losses.ega_surrogate_loss's defaults. The README's "Learning quality" section.
+# hardness_losses.ega_surrogate_loss's defaults, and hardneg's mode="ega" with its defaults (the
+# main section's fused arm, paired against the plain-torch one). README "Learning quality".
 EGA_CHOSEN = {"loss": "ega_b", "beta": 50.0, "margin": 0.3}
 
 
@@ -102,13 +103,18 @@ def _chosen_params() -> dict:
     return {"beta": EGA_CHOSEN["beta"], "margin": EGA_CHOSEN["margin"]}
 
 
+def _fused_ega_defaults() -> dict:
+    return {"beta": hardneg.EGA_BETA, "margin": hardneg.EGA_MARGIN}
+
+
 def build_arms(sections: list[str]) -> list[dict]:
     out: list[dict] = []
     if "main" in sections:
         s = "main"
         out += _three(s, "")
         out += [
-            arm(s, "ega-a (fused, default 2/0)", "ega", vs="infonce", beta=2.0, margin=0.0),
+            arm(s, "ega (fused, default)", "ega", vs="ega-b", **_fused_ega_defaults()),
+            arm(s, "ega-a (old default 2/0)", "ega_a", vs="infonce", beta=2.0, margin=0.0),
             arm(s, "cosface m0.1", "cosface", vs="infonce", margin=0.1),
             arm(s, "cosface m0.2", "cosface", vs="infonce", margin=0.2),
             arm(s, "llave alpha3", "llave", vs="infonce", alpha=3.0),
@@ -138,7 +144,7 @@ def build_arms(sections: list[str]) -> list[dict]:
     if "ega" in sections:
         out.append(arm("ega", "infonce", "infonce"))
         for variant, grid in EGA_GRID.items():
-            loss = "ega" if variant == "a" else f"ega_{variant}"
+            loss = f"ega_{variant}"
             for beta, margin in grid:
                 label = f"ega-{variant} {beta:g}/{margin:g}"
                 out.append(arm("ega", label, loss, vs="infonce", beta=beta, margin=margin))
@@ -220,8 +226,8 @@ def make_loss(a: dict):
             mode=loss,
             temperature=tau,
             alpha=p.get("alpha", 9.0),
-            ega_beta=p.get("beta", 2.0),
-            ega_margin=p.get("margin", 0.0),
+            ega_beta=p.get("beta", hardneg.EGA_BETA),
+            ega_margin=p.get("margin", hardneg.EGA_MARGIN),
             symmetric=True,
         )
 
@@ -282,7 +288,7 @@ SECTIONS = ("main", "pool", "groups", "hardneg", "temperature", "long", "noise",
 
 def custom_arms(specs: list[str]) -> list[dict]:
     """Arms from "key=value ..." strings (--arm), each with an infonce baseline at tau 0.02 in
-    the same world and run regime. Keys: loss (infonce, llave, ega, ega_b, ega_c, ega_d,
+    the same world and run regime. Keys: loss (infonce, llave, ega, ega_a, ega_b, ega_c, ega_d,
     cosface, llave_nosg), tau, alpha, beta, margin; any RunConfig or WorldConfig field."""
     run_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"eval_at"}
     world_fields = {f.name for f in dataclasses.fields(WorldConfig)}

@@ -13,9 +13,9 @@ candidates, p = p(i) the positive and Y its one-hot:
     gradient:  dL_i/ds_ij = (Pbar_ij - Y_ij) / tau
     hardness:  u_ij = beta * max(0, s_ij - s_ip + margin)   (threshold=True)
                u_ij = beta * (s_ij - s_ip + margin)         (threshold=False), u_ip = 0
-    normalise = "none" (the kernels' current reconstruction):
+    normalise = "none" (the kernels' form before the renormalisation):
                Pbar_ij = P_ij * exp(u_ij)                  (sum_j Pbar_ij >= 1: a net push)
-    normalise = "row":
+    normalise = "row" (hardneg's mode="ega", its defaults 50 / 0.3 being this loss's):
                Pbar_ij = P_ij exp(u_ij) / sum_k P_ik exp(u_ik)   over every unmasked k, the
                positive included (u_ip = 0): softmax_j(z_ij + u_ij), so sum_j Pbar_ij = 1
     normalise = "negatives":

@@ -56,11 +56,13 @@ def _row_pass(
         torch.sub(lse_R, z_pos_R, out=loss_B[r0:r1])
         if d_rows_BD is None:
             continue
-        p_RN = z_RN.sub_(lse_R[:, None]).exp_()
         if ega:
-            amp_RN = s_RN.sub_(s_pos_R[:, None]).add_(opts["ega_margin"]).clamp_min_(0)
-            p_RN.mul_(amp_RN.mul_(opts["ega_beta"]).exp_())
-            p_RN[rr, pos] = (z_pos_R - lse_R).exp()
+            # Pbar = softmax(z + u), u = beta * max(0, s - s_pos + margin) on negatives, 0 at the
+            # positive: the amplified logits replace z, their logsumexp lse.
+            u_RN = s_RN.sub_(s_pos_R[:, None]).add_(opts["ega_margin"]).clamp_min_(0)
+            u_RN.mul_(opts["ega_beta"])[rr, pos] = 0.0
+            lse_R = torch.logsumexp(z_RN.add_(u_RN), dim=1)
+        p_RN = z_RN.sub_(lse_R[:, None]).exp_()
         p_RN[rr, pos] -= 1.0
         ds_RN = p_RN.mul_(inv_tau * grad_scale)
         d_rows_BD[r0:r1].addmm_(ds_RN, cands_ND)  # (R, N) x (N, D) -> (R, D)

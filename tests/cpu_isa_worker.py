@@ -4,8 +4,9 @@ HARDNEG_CPU_ISA set (the variant is chosen once, when hardneg is imported).
 Every entry point of the variant is exercised:
   hardneg_loss_rows     fused_hardneg_loss against the fp64 reference, values and gradients of
                         query, target and hard negatives (tolerances of tests/test_loss.py)
-  block_update / _grad  the column-block (ring) schedule over uneven blocks, against the row kernel
-                        of the same variant and the fp64 logsumexp and dL/dS
+  block_update / _grad  the column-block (ring) schedule over uneven blocks, the positives' block
+                        first as in the ring, against the row kernel of the same variant and the
+                        fp64 logsumexp
   hardneg_exp           ulp error over 5M points (bound of tests/test_kernel_math.py), special
                         values, the same bits in the vector body and the tail
 Prints one JSON line {"cpu_isa", "failures": [...], "exp_max_ulp"}; exits 0 either way, so the
@@ -83,7 +84,8 @@ def _params(s_RC: torch.Tensor, stats: dict[str, torch.Tensor], **fields) -> obj
 
 
 def check_blocks(failures: list[str], *, perturb: bool) -> None:
-    """Row kernel vs column blocks of 5, 17 and the rest, ega with masking (every branch)."""
+    """Row kernel vs column blocks of 23 (every row's positive, swept first as the ring sweeps its
+    own block: ega's u needs s_pos), 5 and the rest, ega with masking (every branch)."""
     B, N = 23, 61
     g = torch.Generator().manual_seed(3)
     s_BN = (torch.rand(B, N, generator=g) * 2 - 1).float()
@@ -93,12 +95,12 @@ def check_blocks(failures: list[str], *, perturb: bool) -> None:
     common = {
         "mode": MODE_CODES["ega"],
         "inv_tau": 1 / TEMPERATURE,
-        "ega_beta": 2.0,
-        "ega_margin": 0.05,
+        "ega_beta": 50.0,
+        "ega_margin": 0.3,
         "row_ids": row_ids.data_ptr(),
         "num_threads": 1,
     }
-    rows = {k: torch.empty(B) for k in ("lse", "loss", "z_pos", "s_pos")}
+    rows = {k: torch.empty(B) for k in ("lse", "loss", "z_pos", "s_pos", "ega_loss")}
     ds_row = s_BN.clone()
     _C.hardneg_loss_rows(
         _params(ds_row, rows, col_ids=col_ids.data_ptr(), need_grad=True, **common)
@@ -108,23 +110,27 @@ def check_blocks(failures: list[str], *, perturb: bool) -> None:
     masked = (col_ids[None, :] == row_ids[:, None]) & ~torch.eye(B, N, dtype=torch.bool)
     lse_true = torch.logsumexp(z.masked_fill(masked, -math.inf), dim=1)
 
-    run = {"run_max": torch.full((B,), -math.inf), "run_sum": torch.zeros(B)}
-    run.update({k: torch.empty(B) for k in ("z_pos", "s_pos", "loss")})
-    bounds = [0, 5, 22, N]
+    run = {k: torch.full((B,), -math.inf) for k in ("run_max", "run_max_u")}
+    run.update({k: torch.zeros(B) for k in ("run_sum", "run_sum_u")})
+    run.update({k: torch.empty(B) for k in ("z_pos", "s_pos", "loss", "ega_loss")})
+    bounds = [0, B, B + 5, N]
     ds_blocks = s_BN.clone()
     if perturb:
         common["inv_tau"] *= 1.001
     for c0, c1 in zip(bounds[:-1], bounds[1:], strict=False):
         block = {"pos_offset": -c0, "col_ids": col_ids[c0:].data_ptr()}
         _C.hardneg_loss_block_update(_params(ds_blocks[:, c0:c1], run, **block, **common))
-    # The ring's finish: the loss from z_pos and the negatives' (max, sum); backward reads it.
+    # The ring's finish: the loss (and ega's L_u) from z_pos and the negatives' (max, sum);
+    # backward reads L_u.
     run["loss"].copy_(row_loss(run["z_pos"], run["run_max"], run["run_sum"]))
+    run["ega_loss"].copy_(row_loss(run["z_pos"], run["run_max_u"], run["run_sum_u"]))
     for c0, c1 in zip(bounds[:-1], bounds[1:], strict=False):
         block = {"pos_offset": -c0, "col_ids": col_ids[c0:].data_ptr()}
         _C.hardneg_loss_block_grad(_params(ds_blocks[:, c0:c1], run, **block, **common))
     checks = {
         "row lse vs fp64": (rows["lse"].double() - lse_true).abs().max().item() < 1e-4,
         "block loss vs row": torch.allclose(run["loss"], rows["loss"], rtol=1e-5, atol=1e-6),
+        "block L_u vs row": torch.allclose(run["ega_loss"], rows["ega_loss"], rtol=1e-5, atol=1e-6),
         "block s_pos vs row": torch.equal(run["s_pos"], rows["s_pos"]),
         "block dS vs row": torch.allclose(ds_blocks, ds_row, rtol=1e-5, atol=1e-6),
     }

@@ -50,17 +50,22 @@ def _close(a, b, tol):
     )
 
 
-@pytest.mark.parametrize("beta,margin", [(2.0, 0.0), (5.0, 0.3)])
-def test_ega_variant_a_is_the_kernels_reconstruction(beta, margin):
+@pytest.mark.parametrize("beta,margin", [(2.0, 0.0), (50.0, 0.3)])
+def test_ega_variant_b_is_the_kernels_reconstruction(beta, margin):
+    """mode="ega" (the reference and the fused op) is variant b, the row-renormalised Pbar."""
     q, t, h, kw = _inputs()
-    ours = _value_and_grads(
-        lambda: ega_surrogate_loss(
-            q, t, temperature=TAU, beta=beta, margin=margin, normalise="none", **kw
-        ),
-        q,
-        t,
-        h,
-    )
+
+    def surrogate(normalise, b=beta, m=margin):
+        return _value_and_grads(
+            lambda: ega_surrogate_loss(
+                q, t, temperature=TAU, beta=b, margin=m, normalise=normalise, **kw
+            ),
+            q,
+            t,
+            h,
+        )
+
+    ours = surrogate("row")
     ref = _value_and_grads(
         lambda: hardneg_loss_reference(
             q,
@@ -77,8 +82,8 @@ def test_ega_variant_a_is_the_kernels_reconstruction(beta, margin):
         h,
     )
     assert _close(ours, ref, 1e-10)
-    # The fused op in fp32: 1e-5 of the largest entry is ~100 fp32 ulps (amplified gradients reach
-    # e^(beta * (2 + margin)) times InfoNCE's, so the tolerance is relative).
+    # The fused op in fp32: 1e-5 of the largest entry is ~100 fp32 ulps (the amplified logits
+    # z + u reach 1 / tau + beta * (2 + margin), so the tolerance is relative).
     q32, t32, h32 = (x.detach().float().requires_grad_() for x in (q, t, h))
     kw32 = {**kw, "hard_negatives": h32}
     fused = _value_and_grads(
@@ -97,16 +102,9 @@ def test_ega_variant_a_is_the_kernels_reconstruction(beta, margin):
         h32,
     )
     assert _close(tuple([fused[0].double(), [g.double() for g in fused[1]]]), ref, 1e-5)
-    # ... and the comparison can fail: another beta is caught.
-    other = _value_and_grads(
-        lambda: ega_surrogate_loss(
-            q, t, temperature=TAU, beta=beta + 1, margin=margin + 0.5, normalise="none", **kw
-        ),
-        q,
-        t,
-        h,
-    )
-    assert not _close(other, ref, 1e-6)
+    # ... and the comparison can fail: another beta, or the old unnormalised form, is caught.
+    assert not _close(surrogate("row", beta + 1, margin + 0.5), ref, 1e-6)
+    assert not _close(surrogate("none"), ref, 1e-6)
 
 
 def test_ega_variant_b_is_a_weighted_softmax():
@@ -146,7 +144,7 @@ def test_ega_pbar_normalisations():
     kw = {"temperature": TAU, "beta": 5.0, "margin": 0.1}
     p = torch.softmax(s / TAU, dim=1)
     a = ega_pbar(s, no_mask, normalise="none", **kw)
-    assert (a.sum(1) > 1).all()  # the net push of the current reconstruction
+    assert (a.sum(1) > 1).all()  # the net push of the unnormalised form
     for normalise in ("row", "negatives"):
         assert torch.allclose(ega_pbar(s, no_mask, normalise=normalise, **kw).sum(1), s.new_ones(2))
     c = ega_pbar(s, no_mask, normalise="negatives", **kw)
@@ -229,7 +227,12 @@ def test_instrument_separates_working_from_broken_losses():
 
 
 def test_chosen_ega_is_the_surrogate_default():
-    """ega_surrogate_loss's defaults are the benchmark's recommended EGA."""
+    """ega_surrogate_loss's defaults are the benchmark's recommended EGA, and so are hardneg's
+    mode="ega" defaults (the op is variant b: test_ega_variant_b_is_the_kernels_reconstruction)."""
+    assert (hardneg.EGA_BETA, hardneg.EGA_MARGIN) == (
+        bench.EGA_CHOSEN["beta"],
+        bench.EGA_CHOSEN["margin"],
+    )
     params = inspect.signature(ega_surrogate_loss).parameters
     normalise, threshold = bench.EGA_VARIANTS[bench.EGA_CHOSEN["loss"].removeprefix("ega_")]
     assert (params["normalise"].default, params["threshold"].default) == (normalise, threshold)

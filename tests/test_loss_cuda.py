@@ -30,6 +30,7 @@ import torch
 from hardneg import _ops
 from hardneg._schedule import default_chunk_size
 from hardneg._spec import LossSpec
+from hardneg.distributed.ring import row_loss
 from loss_testing import (
     check_close,
     compare_with_reference,
@@ -194,6 +195,9 @@ def test_opcheck():
 # ---------------------------------------------------------------------------------------------
 
 MODE_CODES = {"infonce": 0, "llave": 1, "ega": 2}
+# The per-row statistics of a Block, in its stats_9R order.
+STAT_NAMES = ("lse", "loss", "z_pos", "s_pos", "run_max", "run_sum")
+STAT_NAMES += ("ega_loss", "run_max_u", "run_sum_u")
 # Kernel-to-kernel tolerances: the two sides sum in different orders and use different exp
 # implementations (each within ~1 ulp), so lse (up to ~60) may differ by a few ulp (3.8e-6 each);
 # dS = exp(z - lse) * scale inherits that as a relative error of a few 1e-6.
@@ -210,8 +214,8 @@ class Block:
         self.cols = cols
         self.row_ids, self.col_ids, self.row_scale = row_ids, col_ids, row_scale
         rows = s_RL.shape[0]
-        self.stats_6R = torch.zeros(6, rows, dtype=torch.float32, device=s_RL.device)
-        self.stats_6R[4].fill_(float("-inf"))  # run_max starts empty, run_sum at 0
+        self.stats_9R = torch.zeros(9, rows, dtype=torch.float32, device=s_RL.device)
+        self.stats_9R[4::3].fill_(float("-inf"))  # run_max, run_max_u start empty, sums at 0
 
     def to(self, device):
         """A copy on `device` (always a copy: the kernels write S and the statistics)."""
@@ -222,7 +226,7 @@ class Block:
         out = Block(
             copy(self.s_RL), self.cols, copy(self.row_ids), copy(self.col_ids), copy(self.row_scale)
         )
-        out.stats_6R = copy(self.stats_6R)
+        out.stats_9R = copy(self.stats_9R)
         return out
 
     def params(self, mode, pos_offset, need_grad, grad_scale=0.37):
@@ -234,10 +238,10 @@ class Block:
         if self.row_ids is not None:
             p.row_ids, p.col_ids = self.row_ids.data_ptr(), self.col_ids.data_ptr()
         p.mode, p.inv_tau, p.alpha = MODE_CODES[mode], 50.0, 9.0
-        p.ega_beta, p.ega_margin = 5.0, 0.1
-        names = ("lse", "loss", "z_pos", "s_pos", "run_max", "run_sum")
+        p.ega_beta, p.ega_margin = 50.0, 0.3
+        names = STAT_NAMES
         for k, name in enumerate(names):
-            setattr(p, name, self.stats_6R[k].data_ptr())
+            setattr(p, name, self.stats_9R[k].data_ptr())
         p.grad_scale = grad_scale
         if self.row_scale is not None:
             p.row_scale = self.row_scale.data_ptr()
@@ -278,7 +282,10 @@ def test_rows_kernel_matches_cpu(mode, masked, rows, cols):
         cpu = gpu.to("cpu")
         kernels_cuda.hardneg_loss_rows(gpu.params(mode, pos_offset, need_grad))
         kernels_cpu.hardneg_loss_rows(cpu.params(mode, pos_offset, need_grad))
-        torch.testing.assert_close(gpu.stats_6R[:4].cpu(), cpu.stats_6R[:4], **STATS_TOL)
+        row_stats = [0, 1, 2, 3, 6] if mode == "ega" else [0, 1, 2, 3]  # lse .. s_pos, L_u
+        torch.testing.assert_close(
+            gpu.stats_9R[row_stats].cpu(), cpu.stats_9R[row_stats], **STATS_TOL
+        )
         assert_ds_close(gpu.s_RL[:, :cols].cpu(), cpu.s_RL[:, :cols], f"need_grad={need_grad}")
         # Columns past the block are never touched.
         assert torch.equal(gpu.s_RL[:, cols:].cpu(), cpu.s_RL[:, cols:])
@@ -292,7 +299,9 @@ BLOCK_WIDTHS = [3, 100, 1025]
 @pytest.mark.parametrize("mode", MODES)
 def test_block_kernels_match_rows_kernel(mode, masked, width):
     """The column-block schedule (online merge, positive in one block or none) gives the row
-    schedule's statistics and dS, on the GPU and against the CPU block kernels."""
+    schedule's statistics and dS, on the GPU and against the CPU block kernels. The positives
+    spread over several blocks here, so ega's s_pos is filled before the first block (the
+    kernels' contract when a row's positive is not in the first block swept)."""
     rows, cols, row0 = 70, 2100, 1000  # rows are queries row0 .. row0 + rows - 1 of the batch
     full = random_block(rows, cols, cols, masked, scaled=True, seed=width)
     rows_ref = Block(full.s_RL.clone(), cols, full.row_ids, full.col_ids, full.row_scale)
@@ -300,15 +309,21 @@ def test_block_kernels_match_rows_kernel(mode, masked, width):
     kernels_cuda.hardneg_loss_rows(rows_ref.params(mode, row0, need_grad=True))
 
     def run_blocks(kernels, blk):
+        if mode == "ega":
+            blk.stats_9R[3] = blk.s_RL[torch.arange(rows), row0 + torch.arange(rows)]
         views = []
         for c0 in range(0, cols, width):
             c1 = min(cols, c0 + width)
             ids = blk.col_ids[c0:c1] if blk.col_ids is not None else None
             view = Block(blk.s_RL[:, c0:c1], c1 - c0, blk.row_ids, ids, blk.row_scale)
-            view.stats_6R = blk.stats_6R  # one set of running statistics for all blocks
+            view.stats_9R = blk.stats_9R  # one set of running statistics for all blocks
             views.append((c0, view))
             kernels.hardneg_loss_block_update(view.params(mode, row0 - c0, need_grad=False))
-        blk.stats_6R[0] = blk.stats_6R[4] + blk.stats_6R[5].log()  # lse = m + log l
+        # The ring's finish: L (and ega's L_u) from z_pos and the negatives' (max, sum).
+        z_pos, st = blk.stats_9R[2].cpu(), blk.stats_9R.cpu()
+        blk.stats_9R[1] = row_loss(z_pos, st[4], st[5]).to(blk.stats_9R.device)
+        blk.stats_9R[6] = row_loss(z_pos, st[7], st[8]).to(blk.stats_9R.device)
+        blk.stats_9R[0] = blk.stats_9R[2] + blk.stats_9R[1]  # lse = z_pos + L
         for c0, view in views:
             kernels.hardneg_loss_block_grad(view.params(mode, row0 - c0, need_grad=False))
 
@@ -316,9 +331,9 @@ def test_block_kernels_match_rows_kernel(mode, masked, width):
     run_blocks(kernels_cuda, gpu)
     cpu = full.to("cpu")
     run_blocks(_ops.kernels_for(torch.device("cpu")), cpu)
-    lse_z_s = [0, 2, 3]  # lse, z_pos, s_pos
-    torch.testing.assert_close(gpu.stats_6R[lse_z_s], rows_ref.stats_6R[lse_z_s], **STATS_TOL)
-    torch.testing.assert_close(gpu.stats_6R.cpu()[lse_z_s], cpu.stats_6R[lse_z_s], **STATS_TOL)
+    lse_z_s = [0, 1, 2, 3] + ([6] if mode == "ega" else [])  # lse, L, z_pos, s_pos (, L_u)
+    torch.testing.assert_close(gpu.stats_9R[lse_z_s], rows_ref.stats_9R[lse_z_s], **STATS_TOL)
+    torch.testing.assert_close(gpu.stats_9R.cpu()[lse_z_s], cpu.stats_9R[lse_z_s], **STATS_TOL)
     assert_ds_close(gpu.s_RL, rows_ref.s_RL, "blocks vs rows")
     assert_ds_close(gpu.s_RL.cpu(), cpu.s_RL, "CUDA blocks vs CPU blocks")
 
@@ -332,7 +347,7 @@ def test_kernel_comparison_can_fail():
     bumped[4, 17] += 1e-4 * ds.abs().max()
     with pytest.raises(AssertionError, match="dS max error"):
         assert_ds_close(bumped, ds, "perturbed")
-    stats = gpu.stats_6R[:4].cpu()
+    stats = gpu.stats_9R[:4].cpu()
     shifted = stats.clone()
     shifted[0, 2] += 1e-4
     with pytest.raises(AssertionError):

@@ -1,8 +1,9 @@
 """The loss family's defining properties (design section 1), held by the plain-torch reference and
 by the fused op alike: InfoNCE is plain cross-entropy; EGA's forward is InfoNCE's and its gradient
-w.r.t. s is (Pbar - Y) / tau with Pbar = P * a on the negatives; LLaVE's is (P - Y) / tau with P
-the softmax of its shifted logits (the alpha term is stop-gradient); llave with alpha = 0 is
-infonce; masking a candidate is deleting it.
+w.r.t. s is (Pbar - Y) / tau with Pbar_ij = P_ij a_ij / sum_k P_ik a_ik the renormalised
+amplification (a = 1 at the positive), so every row of dS sums to zero; LLaVE's is (P - Y) / tau
+with P the softmax of its shifted logits (the alpha term is stop-gradient); llave with alpha = 0
+is infonce; masking a candidate is deleting it.
 
 The hand-computed cases write dL/dS out in plain Python floats from the formulas of design
 section 1, independent of both implementations. They recover dS from the op through orthonormal
@@ -53,9 +54,10 @@ def _check(loss_name: str, got: dict, truth: dict, plain: dict | None, B: int, *
 
 
 def ds_by_hand(s_rows, *, mode, tau=TEMPERATURE, alpha=ALPHA, beta=EGA_BETA, margin=EGA_MARGIN):
-    """dL_i/ds_ij of loss_i = logsumexp_j z_ij - z_ii (positive of row i at column i), straight from
-    design section 1 in Python floats: (Pbar - Y) / tau, Pbar = P except for ega's negatives,
-    P_ij * exp(beta * max(0, s_ij - s_ii + margin))."""
+    """dL_i/ds_ij of loss_i = logsumexp_j z_ij - z_ii (positive of row i at column i), in Python
+    floats: (Pbar - Y) / tau, Pbar = P = softmax(z) except for ega, where
+    Pbar_ij = P_ij a_ij / sum_k P_ik a_ik, a_ij = exp(beta * max(0, s_ij - s_ii + margin)) on
+    negatives and a_ii = 1 (the renormalised amplification, README "The loss")."""
     out = []
     for i, row in enumerate(s_rows):
         z = [
@@ -64,14 +66,13 @@ def ds_by_hand(s_rows, *, mode, tau=TEMPERATURE, alpha=ALPHA, beta=EGA_BETA, mar
         top = max(z)
         e = [math.exp(v - top) for v in z]
         p = [v / sum(e) for v in e]
-        grad = []
-        for j, p_ij in enumerate(p):
-            if j == i:
-                grad.append((p_ij - 1.0) / tau)
-                continue
-            amp = math.exp(beta * max(0.0, row[j] - row[i] + margin)) if mode == "ega" else 1.0
-            grad.append(p_ij * amp / tau)
-        out.append(grad)
+        amp = [
+            math.exp(beta * max(0.0, s - row[i] + margin)) if mode == "ega" and j != i else 1.0
+            for j, s in enumerate(row)
+        ]
+        weighted = [p_ij * a_ij for p_ij, a_ij in zip(p, amp, strict=True)]
+        pbar = [w / sum(weighted) for w in weighted]
+        out.append([(pbar_ij - (1.0 if j == i else 0.0)) / tau for j, pbar_ij in enumerate(pbar)])
     return out
 
 
@@ -125,8 +126,8 @@ def test_gradient_by_hand(loss_name, mode):
 
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_ega_gradient_differs_from_infonce_as_designed(loss_name):
-    """dS_ega - dS_infonce = P * (a - 1) / tau on the negatives and 0 on the positives, with P the
-    InfoNCE softmax: unchanged where a = 1, scaled by a where the negative is hard."""
+    """dS_ega - dS_infonce = (Pbar - P) / tau with Pbar the renormalised P * a: each entry's
+    weight changes by a_ij / sum_k P_ik a_ik, up for the hardest negatives, down for the rest."""
     inputs, _ = _orthonormal_case()
     hand = {"ega_beta": HAND_BETA, "ega_margin": HAND_MARGIN, "reduction": "sum"}
 
@@ -138,12 +139,48 @@ def test_ega_gradient_differs_from_infonce_as_designed(loss_name):
     s_BN = torch.tensor(S_2x4, dtype=torch.float64)
     p_BN = torch.softmax(s_BN / TEMPERATURE, dim=1)
     amp_BN = torch.tensor(AMP_2x4, dtype=torch.float64)
-    expected = p_BN * (amp_BN - 1) / TEMPERATURE
+    pbar_BN = p_BN * amp_BN / (p_BN * amp_BN).sum(dim=1, keepdim=True)
+    expected = (pbar_BN - p_BN) / TEMPERATURE
     _check(loss_name, {"d_query": diff}, {"d_query": expected}, {"d_query": plain}, 2, **hand)
-    ega = diff  # the amplified part of EGA's gradient
-    # The amplified entries really moved (by much more than the tolerance) and no other did.
-    moved = ega.abs() > 1e-3 * (1 / TEMPERATURE)
-    assert torch.equal(moved, amp_BN > 1)
+    # Pbar / P is a_ij over the row's normaliser: the most amplified entry of each row gains, the
+    # positive (a = 1) loses, both by far more than the tolerance.
+    top = amp_BN.argmax(dim=1)
+    assert (diff[torch.arange(2), top] > 1e-3).all() and (diff.diagonal() < -1e-3).all()
+
+
+def _ds_rows(loss_name: str, inputs: dict, **options) -> torch.Tensor:
+    """dL/dS (B, B) of one direction through orthonormal candidates: query = S, target = I."""
+    B = inputs["query"].shape[0]
+    eye = torch.eye(B, dtype=torch.float64)
+    got = loss_and_grads(LOSSES[loss_name], {"query": inputs["query"], "target": eye}, **options)
+    return got["d_query"]
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_ega_gradient_rows_sum_to_zero(loss_name):
+    """sum_j Pbar_ij = 1, so each row of dS = w (Pbar - Y) / tau sums to 0: the gradient pulls
+    the positive exactly as hard as it pushes the negatives. With a margin that puts every
+    negative in reach (most rows amplified), the unnormalised form (Pbar = P a, sum >= 1) left a
+    net push of up to e^(beta * (margin + 1)) / tau per row; here the sums are at fp rounding."""
+    g = torch.Generator().manual_seed(5)
+    B = 33
+    s_BB = torch.rand(B, B, generator=g, dtype=torch.float64) * 0.6 + 0.2  # cosine-like
+    options = {"mode": "ega", "reduction": "sum", "ega_beta": 20.0, "ega_margin": 0.3}
+    ds_BB = _ds_rows(loss_name, {"query": s_BB}, **options)
+    u_BB = options["ega_beta"] * (s_BB - s_BB.diagonal()[:, None] + 0.3).clamp_min(0)
+    u_BB.fill_diagonal_(0.0)
+    assert (u_BB > 0).sum() > B * B // 2  # the amplification is active on most entries
+    # Each Pbar_ij carries a relative error of a few roundings of its logit z + u (<= zu_max), and
+    # sum_j |dS_ij| <= 2 / tau: 4 such roundings of the largest logit, in fp32 (op) or fp64.
+    zu_max = (s_BB / TEMPERATURE + u_BB).abs().max().item()
+    unit = 2.0**-24 if loss_name == "op" else 2.0**-53
+    tol = 4 * unit * zu_max * 2 / TEMPERATURE
+    assert ds_BB.sum(dim=1).abs().max().item() <= tol
+    assert ds_BB.abs().max().item() > 1.0  # rows are far from trivially zero
+    # The check can fail: the unnormalised form's rows sum to (sum_j P_ij e^u_ij - 1) / tau.
+    p_BB = torch.softmax(s_BB / TEMPERATURE, dim=1)
+    unnormalised = ((p_BB * u_BB.exp()).sum(dim=1) - 1) / TEMPERATURE
+    assert unnormalised.abs().max().item() > 1e3 * tol
 
 
 def test_kernel_gradient_by_hand_2x3():

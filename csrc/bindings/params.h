@@ -29,6 +29,9 @@ inline void bind_params(pybind11::module_& m) {
   HARDNEG_PTR_FIELD(cls, float*, s_pos);
   HARDNEG_PTR_FIELD(cls, float*, run_max);
   HARDNEG_PTR_FIELD(cls, float*, run_sum);
+  HARDNEG_PTR_FIELD(cls, float*, ega_loss);
+  HARDNEG_PTR_FIELD(cls, float*, run_max_u);
+  HARDNEG_PTR_FIELD(cls, float*, run_sum_u);
   HARDNEG_PTR_FIELD(cls, const float*, row_scale);
   cls.def_readwrite("rows", &HardnegLossParams::rows)
       .def_readwrite("cols", &HardnegLossParams::cols)

@@ -2,7 +2,8 @@
 // dL/dS of one similarity block S, one thread group per row (a warp for short rows, a block for
 // long ones), fp32 throughout. The B x N logits are never materialised: the caller's GEMM hands S
 // chunk by chunk (or column block by block) and dS overwrites S in place. Per row: one coalesced
-// read of S for the statistics, one read + write for dS; time O(rows * cols), O(1) extra memory.
+// read of S for the statistics (ega keeps a second online state, of the amplified z + u, in the
+// same sweep), one read + write for dS; time O(rows * cols), O(1) extra memory.
 //
 // Kernel math only: the entry points are in hardneg_loss_kernels.cu, the launch configuration and
 // the runtime-flag dispatch in hardneg_loss.cpp. Scalar formulas come from hardneg_loss_math.h,
@@ -60,16 +61,35 @@ __device__ __forceinline__ RowRef make_row(const HardnegLossParams& p, int64_t i
                 p.pos_offset + i,         hardneg_neg_coefficient(kMode, p.inv_tau, p.alpha)};
 }
 
-// Online (max, sum) of the unmasked negatives among this thread's columns tid, tid + kRowThreads,
-// ...: consecutive threads read consecutive columns, so every sweep is coalesced.
-template <bool kMask, int kRowThreads>
-__device__ __forceinline__ void thread_neg_stats(const RowRef& r, int tid, float& m, float& l) {
-  m = -INFINITY;
-  l = 0.0f;
+// A row's online logsumexp states over its unmasked negatives: [0] of the logits z, and for ega
+// [1] of the amplified logits z + u of its gradient's softmax.
+template <LossMode kMode>
+struct NegStats {
+  static constexpr int kStates = kMode == LossMode::kEga ? 2 : 1;
+  float m[kStates];
+  float l[kStates];
+};
+
+// NegStats of the unmasked negatives among this thread's columns tid, tid + kRowThreads, ...:
+// consecutive threads read consecutive columns, so every sweep is coalesced. s_pos: ega's u.
+template <LossMode kMode, bool kMask, int kRowThreads>
+__device__ __forceinline__ void thread_neg_stats(const RowRef& r, int tid,
+                                                 const HardnegLossParams& p, float s_pos,
+                                                 NegStats<kMode>& st) {
+#pragma unroll
+  for (int k = 0; k < NegStats<kMode>::kStates; ++k) {
+    st.m[k] = -INFINITY;
+    st.l[k] = 0.0f;
+  }
 #pragma unroll 4
   for (int64_t j = tid; j < r.cols; j += kRowThreads) {
     if (j == r.pos || r.masked(j, kMask)) continue;
-    hardneg_lse_push(m, l, r.s[j] * r.c_neg);
+    const float sj = r.s[j];
+    hardneg_lse_push(st.m[0], st.l[0], sj * r.c_neg);
+    if constexpr (kMode == LossMode::kEga) {
+      hardneg_lse_push(st.m[1], st.l[1],
+                       hardneg_ega_logit(sj, s_pos, p.inv_tau, p.ega_beta, p.ega_margin));
+    }
   }
 }
 
@@ -84,31 +104,41 @@ __device__ __forceinline__ void warp_lse_reduce(float& m, float& l) {
   }
 }
 
-// (m, l) of the whole row in every thread of its group. It also orders all reads of the row
-// before any in-place write of dS that follows (the barrier or __syncwarp).
-template <int kRowThreads>
-__device__ __forceinline__ void row_lse_reduce(float& m, float& l) {
-  warp_lse_reduce(m, l);
+// The kStates states (m[k], l[k]) of the whole row in every thread of its group. It also orders
+// all reads of the row before any in-place write of dS that follows (the barrier or __syncwarp).
+template <int kRowThreads, int kStates>
+__device__ __forceinline__ void row_lse_reduce(float (&m)[kStates], float (&l)[kStates]) {
+#pragma unroll
+  for (int k = 0; k < kStates; ++k) warp_lse_reduce(m[k], l[k]);
   if constexpr (kRowThreads == kWarpSize) {
     __syncwarp();
   } else {
     constexpr int kWarps = kRowThreads / kWarpSize;
-    __shared__ float2 warp_state[kWarps];
+    __shared__ float2 warp_state[kStates][kWarps];
     const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
-    if (threadIdx.x % kWarpSize == 0) warp_state[warp] = make_float2(m, l);
+    if (threadIdx.x % kWarpSize == 0) {
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) warp_state[k][warp] = make_float2(m[k], l[k]);
+    }
     __syncthreads();
     // Every thread merges the warps in the same order: identical results, no second barrier
     // (one row per block, so warp_state is never rewritten).
-    m = warp_state[0].x;
-    l = warp_state[0].y;
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) hardneg_lse_merge(m, l, warp_state[w].x, warp_state[w].y);
+    for (int k = 0; k < kStates; ++k) {
+      m[k] = warp_state[k][0].x;
+      l[k] = warp_state[k][0].y;
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) {
+        hardneg_lse_merge(m[k], l[k], warp_state[k][w].x, warp_state[k][w].y);
+      }
+    }
   }
 }
 
-// dS_ij in place over this thread's columns: (P_ij * amp_ij) / tau * row_factor for negatives,
-// expm1(-L) / tau * row_factor = (P_ip - 1) / tau for the positive (exact on confident rows), 0
-// where masked (the CPU's grad_row, per column).
+// dS_ij in place over this thread's columns: Pbar_ij / tau * row_factor for negatives, with
+// Pbar_ij = exp(z_ij - lse) (ega: exp(z_ij + u_ij - lse_u), lse being lse_u), expm1(-L) / tau *
+// row_factor = (Pbar_ip - 1) / tau for the positive (exact on confident rows; L is the gradient
+// softmax's row loss, L_u for ega), 0 where masked (the CPU's grad_row, per column).
 template <LossMode kMode, bool kMask, int kRowThreads>
 __device__ __forceinline__ void thread_grad(const RowRef& r, int tid, const HardnegLossParams& p,
                                             float row_factor, float lse, float s_pos, float loss) {
@@ -121,10 +151,10 @@ __device__ __forceinline__ void thread_grad(const RowRef& r, int tid, const Hard
       g = hardneg_pos_grad(loss, p.inv_tau) * row_factor;
     } else if (r.masked(j, kMask)) {
       g = 0.0f;
+    } else if constexpr (kMode == LossMode::kEga) {
+      g = expf(hardneg_ega_logit(sj, s_pos, p.inv_tau, p.ega_beta, p.ega_margin) - lse) * neg_scale;
     } else {
       g = expf(sj * r.c_neg - lse) * neg_scale;
-      if constexpr (kMode == LossMode::kEga)
-        g *= hardneg_ega_amp(sj, s_pos, p.ega_beta, p.ega_margin);
     }
     r.s[j] = g;
   }
@@ -145,50 +175,66 @@ __device__ __forceinline__ void hardneg_loss_rows(HardnegLossParams p) {
   const RowRef r = make_row<kMode, kMask>(p, i);
   const float s_pos = r.s[r.pos];
   const float z_pos = hardneg_logit(s_pos, true, kMode, p.inv_tau, p.alpha);
-  float m, l;
-  thread_neg_stats<kMask, kRowThreads>(r, slot.tid, m, l);
-  row_lse_reduce<kRowThreads>(m, l);
-  const float loss = hardneg_row_loss(z_pos, m, l);
-  const float lse = z_pos + loss;
+  NegStats<kMode> st;
+  thread_neg_stats<kMode, kMask, kRowThreads>(r, slot.tid, p, s_pos, st);
+  row_lse_reduce<kRowThreads>(st.m, st.l);
+  const float loss = hardneg_row_loss(z_pos, st.m[0], st.l[0]);
+  float grad_loss = loss;  // the row loss of the gradient's softmax: L, or L_u for ega
+  if constexpr (kMode == LossMode::kEga) grad_loss = hardneg_row_loss(z_pos, st.m[1], st.l[1]);
   if (slot.tid == 0) {
-    p.lse[i] = lse;
+    p.lse[i] = z_pos + loss;
     p.z_pos[i] = z_pos;
     p.s_pos[i] = s_pos;
     p.loss[i] = loss;
+    if (kMode == LossMode::kEga && p.ega_loss != nullptr) p.ega_loss[i] = grad_loss;
   }
   if (p.need_grad) {
-    thread_grad<kMode, kMask, kRowThreads>(r, slot.tid, p, row_grad_factor(p, i), lse, s_pos, loss);
+    thread_grad<kMode, kMask, kRowThreads>(r, slot.tid, p, row_grad_factor(p, i), z_pos + grad_loss,
+                                           s_pos, grad_loss);
   }
 }
 
+// Merges (m, l) into the running state (*run_m, *run_l) of a row.
+__device__ __forceinline__ void merge_into(float* run_m, float* run_l, float m, float l) {
+  float merged_m = *run_m;
+  float merged_l = *run_l;
+  hardneg_lse_merge(merged_m, merged_l, m, l);
+  *run_m = merged_m;
+  *run_l = merged_l;
+}
+
 // Column-block schedule, forward: merges the block's (max, sum) of the negatives into run_max /
-// run_sum of each row; rows whose positive lies in the block also record z_pos and s_pos (the
-// caller combines them with hardneg_row_loss once every block is in).
+// run_sum of each row (ega: also those of z + u into run_max_u / run_sum_u); rows whose positive
+// lies in the block also record z_pos and s_pos (the caller combines them with hardneg_row_loss
+// once every block is in). ega's u needs s_ip first: read from this block when the positive lies
+// here, else from s_pos, recorded by the block the caller swept first (hardneg_loss.h).
 template <LossMode kMode, bool kMask, int kRowThreads>
 __device__ __forceinline__ void hardneg_loss_block_update(HardnegLossParams p) {
   const RowSlot<kRowThreads> slot;
   if (slot.row >= p.rows) return;
   const int64_t i = slot.row;
   const RowRef r = make_row<kMode, kMask>(p, i);
-  if (r.pos >= 0 && r.pos < r.cols && slot.tid == 0) {
+  const bool pos_here = r.pos >= 0 && r.pos < r.cols;
+  if (pos_here && slot.tid == 0) {
     const float s_pos = r.s[r.pos];
     p.s_pos[i] = s_pos;
     p.z_pos[i] = hardneg_logit(s_pos, true, kMode, p.inv_tau, p.alpha);
   }
-  float m, l;
-  thread_neg_stats<kMask, kRowThreads>(r, slot.tid, m, l);
-  row_lse_reduce<kRowThreads>(m, l);
+  float s_pos = 0.0f;  // read only by ega
+  if constexpr (kMode == LossMode::kEga) s_pos = pos_here ? r.s[r.pos] : p.s_pos[i];
+  NegStats<kMode> st;
+  thread_neg_stats<kMode, kMask, kRowThreads>(r, slot.tid, p, s_pos, st);
+  row_lse_reduce<kRowThreads>(st.m, st.l);
   if (slot.tid == 0) {
-    float run_m = p.run_max[i];
-    float run_l = p.run_sum[i];
-    hardneg_lse_merge(run_m, run_l, m, l);
-    p.run_max[i] = run_m;
-    p.run_sum[i] = run_l;
+    merge_into(p.run_max + i, p.run_sum + i, st.m[0], st.l[0]);
+    if constexpr (kMode == LossMode::kEga) {
+      merge_into(p.run_max_u + i, p.run_sum_u + i, st.m[1], st.l[1]);
+    }
   }
 }
 
-// Column-block schedule, backward: dS of the block in place from the row's final loss L and s_pos
-// (lse = z_pos + L).
+// Column-block schedule, backward: dS of the block in place from s_pos and the row loss of the
+// gradient's softmax, L (lse = z_pos + L) or, for ega, ega_loss L_u (lse_u = z_pos + L_u).
 template <LossMode kMode, bool kMask, int kRowThreads>
 __device__ __forceinline__ void hardneg_loss_block_grad(HardnegLossParams p) {
   const RowSlot<kRowThreads> slot;
@@ -196,7 +242,7 @@ __device__ __forceinline__ void hardneg_loss_block_grad(HardnegLossParams p) {
   const int64_t i = slot.row;
   const RowRef r = make_row<kMode, kMask>(p, i);
   const float s_pos = p.s_pos[i];
-  const float loss = p.loss[i];
+  const float loss = kMode == LossMode::kEga ? p.ega_loss[i] : p.loss[i];
   const float lse = hardneg_logit(s_pos, true, kMode, p.inv_tau, p.alpha) + loss;
   thread_grad<kMode, kMask, kRowThreads>(r, slot.tid, p, row_grad_factor(p, i), lse, s_pos, loss);
 }

@@ -273,13 +273,14 @@ def fused_hardneg_loss(
       llave:    z_ij = s_ij / tau + [j != p(i)] * alpha * sg(s_ij)   (LLaVE hardness weighting)
       ega:      z_ij = s_ij / tau in the forward (the value is InfoNCE); the backward amplifies
                 hard negatives: dL_i/ds_ij = (Pbar_ij - Y_ij) / tau with
-                Pbar_ij = P_ij * exp(ega_beta * max(0, s_ij - s_{i,p(i)} + ega_margin)), j != p(i).
-                This is a documented reconstruction of QQMM-embed's gradient amplifier (its exact
-                formula is unpublished). Defaults, chosen by the synthetic ablation
-                (benchmarks/results/ablation_*.md): ega_beta = 2, ega_margin = 0, i.e. only a
-                negative that outscores its positive is amplified, e-fold per 0.5 cosine above
-                it. Pbar is not renormalised: with a margin > 0 at the start of training every
-                negative is amplified, sum_j Pbar_ij > 1, and the ablation's beta-5 runs collapsed.
+                Pbar_ij = softmax_j(z_ij + u_ij), u_ij = ega_beta * max(0, s_ij - s_{i,p(i)} +
+                ega_margin) for j != p(i), u_{i,p(i)} = 0, u not differentiated (masked
+                candidates excluded): the renormalised amplification, sum_j Pbar_ij = 1. This is a
+                documented reconstruction of QQMM-embed's gradient amplifier (its exact formula
+                is unpublished). Defaults ega_beta = 50, ega_margin = 0.3, chosen on the
+                controlled benchmark (benchmarks/bench_hardness.py, README "Learning quality"):
+                a negative within 0.3 cosine of its positive is weighted by
+                e^(50 (s - s_pos + 0.3)) before the row is renormalised.
       L_i = logsumexp_j z_ij - z_{i,p(i)}; symmetric: (L_q->t + L_t->q) / 2 where the t->q
       direction ranks the queries for each in-batch target (hard negatives take no part).
 

@@ -43,15 +43,13 @@ def _direction_loss(
     loss_B = torch.logsumexp(z_BN, dim=1) - z_BN.diagonal()
     if mode == "ega":
         # Forward value is InfoNCE; the gradient w.r.t. s becomes (Pbar - Y) / tau with
-        # Pbar_ij = P_ij * exp(beta * max(0, s_ij - s_ii + margin)) on negatives. The surrogate
-        # term is zero in value and carries the (Pbar - P) / tau part of the gradient.
-        with torch.no_grad():
-            p_BN = torch.softmax(z_BN, dim=1)
-            hard_BN = (s_BN - s_BN.diagonal()[:, None] + ega_margin).clamp_min(0)
-            amp_BN = torch.where(is_pos_BN, 1.0, torch.exp(ega_beta * hard_BN))
-            extra_BN = p_BN * (amp_BN - 1) / temperature
-        surrogate_B = (extra_BN * s_BN).sum(dim=1)
-        loss_B = loss_B + surrogate_B - surrogate_B.detach()
+        # Pbar_ij = softmax_j(z_ij + u_ij), u_ij = beta * max(0, s_ij - s_ii + margin) on
+        # negatives, u_ii = 0, u held constant: the gradient of the cross-entropy over the
+        # amplified logits. Its term is zero in value (x - x) and carries the whole gradient.
+        u_BN = (ega_beta * (s_BN - s_BN.diagonal()[:, None] + ega_margin).clamp_min(0)).detach()
+        u_BN = u_BN.masked_fill(is_pos_BN, 0.0)
+        amplified_B = torch.logsumexp(z_BN + u_BN, dim=1) - z_BN.diagonal()
+        loss_B = loss_B.detach() + (amplified_B - amplified_B.detach())
     return loss_B
 
 

@@ -1,5 +1,6 @@
-// fp64 reference of one similarity block's loss statistics and dL/dS (design section 1), written
-// out plainly for the host tests of the CUDA kernels, with the inputs those tests use.
+// fp64 reference of one similarity block's loss statistics and dL/dS (design section 1; ega's
+// Pbar renormalised, README "The loss"), written out plainly for the host tests of the CUDA
+// kernels, with the inputs those tests use.
 #pragma once
 
 #include <cmath>
@@ -14,7 +15,8 @@ struct Case {
   int64_t rows = 0, cols = 0, ld = 0, pos_offset = 0;
   int mode = 0;  // LossMode code
   bool mask = false;
-  float inv_tau = 50.0f, alpha = 9.0f, beta = 2.0f, margin = 0.1f, grad_scale = 0.25f;
+  // beta and margin: hardneg's EGA defaults (hardneg/_constants.py).
+  float inv_tau = 50.0f, alpha = 9.0f, beta = 50.0f, margin = 0.3f, grad_scale = 0.25f;
   std::vector<float> s;  // rows x ld, padding filled with NaN (must never be read)
   std::vector<int64_t> row_ids, col_ids;
   std::vector<float> row_scale;
@@ -82,11 +84,16 @@ inline hardneg::HardnegLossParams params_for(const Case& c) {
   return p;
 }
 
-// What a kernel run produced (fp32, gradient unpadded to rows x cols).
+// What a kernel run produced (fp32, gradient unpadded to rows x cols). ega_loss: ega's L_u.
 struct Result {
-  std::vector<float> lse, loss, z_pos, s_pos, grad;
+  std::vector<float> lse, loss, z_pos, s_pos, ega_loss, grad;
   Result(int64_t rows, int64_t cols)
-      : lse(rows, NAN), loss(rows, NAN), z_pos(rows, NAN), s_pos(rows, NAN), grad(rows * cols) {}
+      : lse(rows, NAN),
+        loss(rows, NAN),
+        z_pos(rows, NAN),
+        s_pos(rows, NAN),
+        ega_loss(rows, NAN),
+        grad(rows * cols) {}
   void take_grad(const std::vector<float>& s, const Case& c) {
     for (int64_t i = 0; i < c.rows; ++i) {
       for (int64_t j = 0; j < c.cols; ++j) grad[i * c.cols + j] = s[i * c.ld + j];
@@ -94,9 +101,21 @@ struct Result {
   }
 };
 
+// ega_loss: L_u = logsumexp_j (z_ij + u_ij) - z_pos for ega (the amplified row's loss), else L.
 struct Exact {
-  std::vector<double> lse, loss, z_pos, s_pos, grad;
+  std::vector<double> lse, loss, z_pos, s_pos, ega_loss, grad;
 };
+
+// logsumexp over the live entries of v.
+inline double live_lse(const std::vector<double>& v, const std::vector<bool>& live) {
+  double m = -INFINITY;
+  for (size_t j = 0; j < v.size(); ++j) {
+    if (live[j]) m = std::fmax(m, v[j]);
+  }
+  double sum = 0.0;
+  for (size_t j = 0; j < v.size(); ++j) sum += live[j] ? std::exp(v[j] - m) : 0.0;
+  return m + std::log(sum);
+}
 
 inline Exact exact(const Case& c) {
   Exact e;
@@ -104,29 +123,27 @@ inline Exact exact(const Case& c) {
   for (int64_t i = 0; i < c.rows; ++i) {
     const int64_t pos = c.pos_offset + i;
     const double s_pos = c.s[i * c.ld + pos];
-    std::vector<double> z(c.cols);
+    std::vector<double> z(c.cols), zu(c.cols);
     std::vector<bool> live(c.cols);
-    double m = -INFINITY;
     for (int64_t j = 0; j < c.cols; ++j) {
       const double s = c.s[i * c.ld + j];
       live[j] = j == pos || !(c.mask && c.col_ids[j] == c.row_ids[i]);
       z[j] = s * inv_tau + (c.mode == 1 && j != pos ? c.alpha * s : 0.0);
-      if (live[j]) m = std::fmax(m, z[j]);
+      // ega's gradient softmax: z + u, u = beta * max(0, s - s_pos + margin) on negatives.
+      const double h = s - s_pos + c.margin;
+      zu[j] = z[j] + (c.mode == 2 && j != pos && h > 0.0 ? c.beta * h : 0.0);
     }
-    double sum = 0.0;
-    for (int64_t j = 0; j < c.cols; ++j) sum += live[j] ? std::exp(z[j] - m) : 0.0;
-    const double lse = m + std::log(sum);
+    const double lse = live_lse(z, live);
+    const double lse_u = live_lse(zu, live);
     e.lse.push_back(lse);
     e.z_pos.push_back(z[pos]);
     e.s_pos.push_back(s_pos);
     e.loss.push_back(lse - z[pos]);
+    e.ega_loss.push_back(lse_u - z[pos]);
     const double factor = static_cast<double>(c.grad_scale) * c.row_scale[i];
     for (int64_t j = 0; j < c.cols; ++j) {
-      const double p = live[j] ? std::exp(z[j] - lse) : 0.0;
-      double amp = 1.0;
-      const double h = c.s[i * c.ld + j] - s_pos + c.margin;
-      if (c.mode == 2 && j != pos && h > 0.0) amp = std::exp(c.beta * h);
-      e.grad.push_back(factor * inv_tau * (j == pos ? p - 1.0 : p * amp));
+      const double pbar = live[j] ? std::exp(zu[j] - lse_u) : 0.0;  // P itself but for ega
+      e.grad.push_back(factor * inv_tau * (j == pos ? pbar - 1.0 : pbar));
     }
   }
   return e;

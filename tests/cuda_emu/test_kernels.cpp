@@ -3,13 +3,16 @@
 // reference of the loss (design section 1) on awkward shapes: one row, 1 / 31 / 32 / 33 / 1024 /
 // 1025 / 3000 columns, a row stride wider than the row, rows with every negative masked, every
 // mode, with and without masking, the row schedule and the ring's column-block schedule (blocks
-// merged in a rotated order). Every one of the 36 kernel instances must have run.
+// merged in a rotated order that starts, as the ring does, with the block holding the positives).
+// Every one of the 36 kernel instances must have run.
 //
-// Tolerance: fp32 against fp64. Logits reach 1/tau + alpha = 59, where one fp32 ulp is 3.8e-6, so
-// lse, loss and z_pos may differ by a few ulp of 59: 6e-5 absolute (16 ulp). dS_ij = P_ij * amp /
-// tau: its error follows from P's relative error (a few ulp of the logit): 1e-4 of the row's
-// largest |dS| (at tau = 0.02 P's relative error is ~60 ulp of fp32 = 4e-6, x 25 headroom). A 0.1 %
-// change of tau moves the loss by ~1e-3 and fails both: the perturbation check below.
+// Tolerance: fp32 against fp64. Logits reach 1/tau + alpha = 59 (ega's amplified z + u about 60
+// at beta 50, margin 0.3 on these inputs), where one fp32 ulp is 3.8e-6, so lse, loss, z_pos and
+// ega's L_u may differ by a few ulp of 59: 6e-5 absolute (16 ulp). dS_ij = Pbar_ij / tau: its
+// error follows from Pbar's relative error (a few ulp of the logit): 1e-4 of the row's largest
+// |dS| (at tau = 0.02 P's relative error is ~60 ulp of fp32 = 4e-6, x 25 headroom). A 0.1 % change
+// of tau moves the loss by ~1e-3 and fails both, and a 1 % change of ega's beta fails dS: the
+// perturbation checks below.
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -48,6 +51,7 @@ Result run_rows(const Case& c) {
   p.loss = out.loss.data();
   p.z_pos = out.z_pos.data();
   p.s_pos = out.s_pos.data();
+  if (c.mode == 2) p.ega_loss = out.ega_loss.data();
   p.need_grad = true;
   emu::register_device_memory(s.data(), s.size() * sizeof(float), 0);
   hardneg::hardneg_loss_rows_cuda(p);
@@ -56,24 +60,30 @@ Result run_rows(const Case& c) {
   return out;
 }
 
-// Column-block schedule: update over the blocks in a rotated order (as the ring visits them), the
-// loss from z_pos and the negatives' running (max, sum) as the ring finishes it (hardneg_row_loss),
-// then grad block by block from the loss and s_pos.
+// Column-block schedule: update over the blocks in a rotated order that starts, as the ring does
+// with its own block, at the block holding every row's positive (ega's u needs s_pos first); the
+// loss (and ega's L_u) from z_pos and the negatives' running (max, sum) as the ring finishes it
+// (hardneg_row_loss); then grad block by block from s_pos and the gradient softmax's row loss.
 Result run_blocks(const Case& c, const std::vector<int64_t>& widths) {
   std::vector<float> s = c.s;
   Result out(c.rows, c.cols);
   std::vector<float> run_max(c.rows, -INFINITY), run_sum(c.rows, 0.0f);
+  std::vector<float> run_max_u(c.rows, -INFINITY), run_sum_u(c.rows, 0.0f);
   std::vector<int64_t> starts;
   int64_t start = 0;
-  for (int64_t w : widths) {
+  size_t first = 0;
+  for (size_t b = 0; b < widths.size(); ++b) {
     starts.push_back(start);
-    start += w;
+    if (start <= c.pos_offset && c.pos_offset < start + widths[b]) first = b;
+    start += widths[b];
   }
   const size_t nb = widths.size();
+  const int64_t first_end = starts[first] + widths[first];
+  check(c.pos_offset + c.rows <= first_end, "the first block holds every row's positive");
   emu::register_device_memory(s.data(), s.size() * sizeof(float), 0);
   for (int pass = 0; pass < 2; ++pass) {
     for (size_t k = 0; k < nb; ++k) {
-      const size_t b = (k + 1) % nb;  // rotated: the ring starts at its own block
+      const size_t b = (first + k) % nb;
       hardneg::HardnegLossParams p = ref::params_for(c);
       p.s = s.data() + starts[b];
       p.cols = widths[b];
@@ -84,6 +94,11 @@ Result run_blocks(const Case& c, const std::vector<int64_t>& widths) {
       p.run_max = run_max.data();
       p.run_sum = run_sum.data();
       p.loss = out.loss.data();
+      if (c.mode == 2) {
+        p.run_max_u = run_max_u.data();
+        p.run_sum_u = run_sum_u.data();
+        p.ega_loss = out.ega_loss.data();
+      }
       if (pass == 0) {
         hardneg::hardneg_loss_block_update_cuda(p);
       } else {
@@ -94,6 +109,9 @@ Result run_blocks(const Case& c, const std::vector<int64_t>& widths) {
       for (int64_t i = 0; i < c.rows; ++i) {
         out.loss[i] = hardneg::hardneg_row_loss(out.z_pos[i], run_max[i], run_sum[i]);
         out.lse[i] = out.z_pos[i] + out.loss[i];
+        if (c.mode == 2) {
+          out.ega_loss[i] = hardneg::hardneg_row_loss(out.z_pos[i], run_max_u[i], run_sum_u[i]);
+        }
       }
     }
   }
@@ -110,9 +128,10 @@ bool matches(const Case& c, const Result& got, const ref::Exact& want, const std
     stat_err = std::fmax(stat_err, std::fabs(got.loss[i] - want.loss[i]));
     stat_err = std::fmax(stat_err, std::fabs(got.z_pos[i] - want.z_pos[i]));
     stat_err = std::fmax(stat_err, std::fabs(got.s_pos[i] - want.s_pos[i]));
+    if (c.mode == 2) stat_err = std::fmax(stat_err, std::fabs(got.ega_loss[i] - want.ega_loss[i]));
   }
-  // dS = factor * (Pbar - Y) / tau, and P = exp(z - lse) carries the logits' absolute error
-  // (6e-5, above) as a relative one: |error| <= factor / tau * 6e-5 * max(P * amp, 1 at the
+  // dS = factor * (Pbar - Y) / tau, and Pbar = exp(z (+ u) - lse) carries the logits' absolute
+  // error (6e-5, above) as a relative one: |error| <= factor / tau * 6e-5 * max(Pbar, 1 at the
   // positive), with the 6e-5 doubled for headroom.
   double grad_ratio = 0.0;
   int64_t worst = -1;
@@ -187,6 +206,13 @@ void perturbation_is_caught() {
   check(matches(c, got, ref::exact(c), "unperturbed"), "unperturbed reference matches");
   check(!matches(c, got, ref::exact(moved), "perturbed reference (expected to differ)"),
         "a 0.1% change of tau is caught by the comparison");
+  const Case ega = ref::make_case(9, 33, 0, 2, 1, 8);
+  Case ega_moved = ega;
+  ega_moved.beta *= 1.01f;
+  const Result got_ega = run_rows(ega);
+  check(matches(ega, got_ega, ref::exact(ega), "unperturbed ega"), "unperturbed ega matches");
+  check(!matches(ega, got_ega, ref::exact(ega_moved), "ega beta +1% (expected to differ)"),
+        "a 1% change of ega's beta is caught by the comparison");
 }
 
 }  // namespace

@@ -11,8 +11,8 @@ to that output) of the fp64 reference over the concatenated batch. The op comput
 plain torch, in another order (blocks of candidates, an online logsumexp). A rotated target
 layout must exceed that budget more than 100x (ring_cases.WRONG_LAYOUT_FACTOR), and a 1e-3
 relative error in one gradient is caught (test_a_perturbed_gradient_is_caught). Measured: errors
-reach at most 0.43 of the budget (1,104 outputs over both worlds); a rotated layout exceeds it
-at least 1.7e5 times.
+reach at most 0.59 of the budget (1,104 outputs over both worlds; an ega gradient, infonce and
+llave 0.33); a rotated layout exceeds it at least 1.7e5 times.
 """
 
 from __future__ import annotations

@@ -45,6 +45,19 @@ struct HardnegLossParams {
   float* run_max = nullptr;
   float* run_sum = nullptr;
 
+  // EGA only (mode kEga; null otherwise). Its gradient's softmax Pbar_i = softmax_j(z_ij + u_ij),
+  // u_ij = beta * max(0, s_ij - s_ip + margin) on negatives (u_ip = 0), has the statistic
+  // ega_loss = logsumexp_j (z_ij + u_ij) - z_pos, computed like loss (hardneg_row_loss) so that
+  // the positive's gradient expm1(-ega_loss) / tau = (Pbar_ip - 1) / tau keeps its digits on
+  // confident rows. The row kernel writes it when non-null; the column-block update keeps the
+  // negatives' running (max, sum) of z + u in run_max_u, run_sum_u, and the block backward reads
+  // ega_loss in place of loss. u needs s_ip before a block is swept: the block update reads it
+  // from the block when the positive lies there, else from s_pos, so the caller sweeps the block
+  // holding a row's positive first (the ring: its own block, step 0) or fills s_pos beforehand.
+  float* ega_loss = nullptr;
+  float* run_max_u = nullptr;
+  float* run_sum_u = nullptr;
+
   // Gradient scale: dS_ij = grad_scale * row_scale[i] * (Pbar_ij - Y_ij) / tau; row_scale may be
   // null (1). need_grad asks the row kernel to write dS in place after the loss.
   float grad_scale = 1.0f;

@@ -1,8 +1,11 @@
 // Scalar math of the hard-negative loss family, shared verbatim by the CPU and CUDA kernels so the
-// CPU tests exercise the formulas the GPU runs. Design section 1:
+// CPU tests exercise the formulas the GPU runs. Design section 1, with EGA renormalised:
 //   z_ij = s_ij / tau + [j != p(i)] * alpha * sg(s_ij)        (llave; infonce and ega: s_ij / tau)
-//   dL_i/ds_ij = (Pbar_ij - Y_ij) / tau, Pbar = P except ega: P_ij * exp(beta * max(0, h +
-//   margin)), h_ij = s_ij - s_{i,p(i)} (EGA reconstruction: hardness relative to the positive).
+//   L_i = logsumexp_j z_ij - z_{i,p(i)}
+//   dL_i/ds_ij = (Pbar_ij - Y_ij) / tau with Pbar = P = softmax_j(z), except for ega:
+//   Pbar_ij = softmax_j(z_ij + u_ij), u_ij = beta * max(0, s_ij - s_{i,p(i)} + margin) on
+//   negatives, u_{i,p(i)} = 0, u held constant (EGA reconstruction: hardness relative to the
+//   positive; the value stays InfoNCE's).
 #pragma once
 
 #include <cmath>
@@ -101,10 +104,12 @@ HN_HD float hardneg_neg_coefficient(LossMode mode, float inv_tau, float alpha) {
   return mode == LossMode::kLlave ? inv_tau + alpha : inv_tau;
 }
 
-// EGA amplification of a negative's probability (1 for other modes and for the positive).
-HN_HD float hardneg_ega_amp(float s, float s_pos, float beta, float margin) {
+// EGA's amplified logit of a negative, z + u = s / tau + beta * max(0, s - s_pos + margin): the
+// logit of its gradient's softmax Pbar. A select, not fmaxf, so the CPU loops vectorise; a NaN s
+// gives a NaN logit.
+HN_HD float hardneg_ega_logit(float s, float s_pos, float inv_tau, float beta, float margin) {
   const float h = s - s_pos + margin;
-  return h > 0.0f ? hardneg_exp(beta * h) : 1.0f;
+  return s * inv_tau + (h > 0.0f ? beta * h : 0.0f);
 }
 
 // Loss of one row, L = log(exp(z_pos) + sum_j exp(z_j)) - z_pos, from the positive's logit and the
@@ -124,6 +129,7 @@ HN_HD float hardneg_row_loss(float z_pos, float m_neg, float l_neg) {
 
 // Gradient of the positive w.r.t. s, before the row scale: (P_pos - 1) / tau = -(the negatives'
 // total probability) / tau = expm1(-L) / tau, exact where P_pos - 1 would cancel (P_pos ~ 1).
+// For ega, L is the amplified row's loss L_u (hardneg_row_loss over z + u): (Pbar_pos - 1) / tau.
 HN_HD float hardneg_pos_grad(float loss, float inv_tau) { return expm1f(-loss) * inv_tau; }
 
 // Merge of two online logsumexp states (m, l): sum = l * exp(m - m_new) + l2 * exp(m2 - m_new).

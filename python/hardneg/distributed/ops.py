@@ -22,18 +22,23 @@ Forward (block c = candidates [T_k; H_k] of one rank, online logsumexp over bloc
     s_ic = q_i . c,  z_ic as in hardneg.fused_hardneg_loss (mode, alpha, masking by ids)
     m_i, l_i <- merge over blocks of (max_c z_ic, sum_c exp(z_ic - max)),  lse_i = m_i + log l_i
     L_i = lse_i - z_{i,p(i)},   loss = sum_i L_i / B (mean, B global) or sum_i L_i
+    ega: also lse_u_i of the amplified logits z_ic + u_ic (u needs s_{i,p(i)}, which the ring's
+    first block, this rank's own, holds: hardneg.distributed.ring), L_u_i = lse_u_i - z_{i,p(i)}
     symmetric: the same with target rows and query columns, loss = (L_q->t + L_t->q) / 2
 Backward (g = grad_output of this rank, scaling this rank's rows):
-    dS_ic = g * (Pbar_ic - Y_ic) / tau / B
+    dS_ic = g * (Pbar_ic - Y_ic) / tau / B,  Pbar_ic = exp(z_ic - lse_i)
+            (ega: exp(z_ic + u_ic - lse_u_i); the positive's exactly expm1(-L or -L_u))
     dQ_r  = sum_k dS_rk . C_k               (accumulated locally)
     dC_k  = sum_r dS_rk^T . Q_r             (sent back to the owner of block k)
 
 Ops (each with a fake and registered autograd; options travel as LossSpec / GroupSpec strings):
-    hardneg::hardneg_loss_ring       -> (loss, stats, kept_logits). Saves the loss L and s_pos per
-        row and direction, stats (directions, 2, B_r): all backward needs to rebuild P from S
-        (lse = z_pos + L; the positive's gradient is expm1(-L) / tau, exact when P_pos ~ 1), and
-        the logits of as many blocks as fit keep_logits_bytes (each kept block saves one GEMM in
-        backward; the others are recomputed, so memory stays O(chunk) by default).
+    hardneg::hardneg_loss_ring       -> (loss, stats, kept_logits). Saves the loss L, s_pos and
+        the gradient softmax's row loss L_u (ega's amplified one; L for the other modes) per row
+        and direction, stats (directions, 3, B_r): all backward needs to rebuild Pbar from S
+        (lse = z_pos + L_u; the positive's gradient is expm1(-L_u) / tau, exact when Pbar_pos ~ 1;
+        s_pos gives ega's u), and the logits of as many blocks as fit keep_logits_bytes (each kept
+        block saves one GEMM in backward; the others are recomputed, so memory stays O(chunk) by
+        default).
     hardneg::hardneg_loss_allgather  -> (loss, dq, dc). When the gradient is fused (reduction
         mean or sum and a gradient needed), this rank's rows' contributions at grad_output = 1:
         dq (B_r, D) and the padded candidate gradients (K, X, D) of every block, which backward
@@ -135,7 +140,7 @@ def _(query, target, hard_negatives, target_ids, hard_negative_ids, spec, group_
     loss_spec, gspec, _, layout = _context(spec, group_spec)
     directions = loss_spec.directions
     _, kept_floats = keep_plan(layout, directions, gspec.keep_logits_bytes)
-    stats = query.new_empty((directions, 2, query.shape[0]), dtype=torch.float32)
+    stats = query.new_empty((directions, 3, query.shape[0]), dtype=torch.float32)
     kept = query.new_empty(kept_floats, dtype=torch.float32)
     return _loss_fake(query, loss_spec.reduction), stats, kept
 

@@ -2,16 +2,26 @@
 
 Forward, step s: rank r holds the block of rank k = (r - s) mod K, posts its send to r + 1 and the
 receive of the next block from r - 1, then runs the GEMM and the online-logsumexp update on the
-block in hand while the transfer is in flight (double buffer). Backward: the same ring rebuilds P
-from the saved (lse, s_pos) and the kept or recomputed logits, accumulates dQ_r locally, and adds
-dS_rk^T . Q_r into a partial dC_k that travels with the blocks and arrives summed at its owner
+block in hand while the transfer is in flight (double buffer). Backward: the same ring rebuilds
+Pbar from the saved statistics and the kept or recomputed logits, accumulates dQ_r locally, and
+adds dS_rk^T . Q_r into a partial dC_k that travels with the blocks and arrives summed at its owner
 after the full circle (a reduce-scatter done by the ring).
 
     forward, block c:  S_c = Q . C_c^T ;  update(S_c) -> running max m_i and sum l_i of the
-                       negatives' logits, z_pos_i from the block that holds the positive
-    finish:            L_i = row_loss(z_pos_i, m_i, l_i)  (no cancellation on confident rows)
+                       negatives' logits, z_pos_i from the block that holds the positive;
+                       ega also (m_u_i, l_u_i) of the amplified logits z + u
+    finish:            L_i = row_loss(z_pos_i, m_i, l_i)  (no cancellation on confident rows);
+                       ega: L_u_i = row_loss(z_pos_i, m_u_i, l_u_i), the gradient softmax's
     backward, block c: S_c kept (within keep_logits_bytes) or recomputed;
-                       grad(S_c, L, s_pos) -> dS_c in place ; dQ += dS_c . C_c ; dC_c = dS_c^T . Q
+                       grad(S_c, L or L_u, s_pos) -> dS_c in place ; dQ += dS_c . C_c ;
+                       dC_c = dS_c^T . Q
+
+How ega knows s_ip before it sweeps a block (u_ij = beta * max(0, s_ij - s_ip + margin)): step 0
+holds this rank's own block [T_r; H_r; Q_r], and the positive of every local row lies there in
+both directions: query i's is target i, column i of [T_r; H_r] (the hard negatives come after
+the targets), and target i's (t->q) is query i, column i of Q_r. Every chunk of both directions
+sweeps step 0 before any other block, so the block update reads s_ip from the block at step 0 and
+from the s_pos it recorded there at every later step (the kernels' contract, hardneg_loss.h).
 
 Legend: K ranks, r this rank, k a block's owner, B_r local rows, N_k candidates and S_k query
 columns of block k (hardneg.distributed.layout), D dim, R rows and C columns of one chunk of S.
@@ -185,8 +195,9 @@ def _ring_chunks(state: _RingState, layout: Layout, step: int, params, target_id
 
 
 def ring_forward(inputs, layout: Layout, transport: Transport, spec: LossSpec, keep_bytes: int):
-    """Loss per local row (B_r,), the per-row statistics (directions, 2, B_r) = (L, s_pos) that
-    backward needs, and the kept logits (flat fp32). inputs: (query, target, hard_negatives,
+    """Loss per local row (B_r,), the per-row statistics (directions, 3, B_r) = (L, s_pos, L_u)
+    that backward needs (L_u: the row loss of the gradient's softmax, ega's amplified one; L for
+    the other modes), and the kept logits (flat fp32). inputs: (query, target, hard_negatives,
     target_ids, hard_negative_ids) of this rank."""
     query, target_ids = inputs[0], inputs[3]
     device = query.device
@@ -194,10 +205,10 @@ def ring_forward(inputs, layout: Layout, transport: Transport, spec: LossSpec, k
     K, r = layout.world_size, layout.rank
     state = _ring_start(inputs, layout, spec, keep_bytes)
     kept = torch.empty(state.kept_floats, dtype=torch.float32, device=device)
-    # Per direction: run_max, run_sum, z_pos, s_pos (B_r each).
-    stats = torch.empty(len(state.directions), 4, B, dtype=torch.float32, device=device)
-    stats[:, 0] = -math.inf
-    stats[:, 1] = 0.0
+    # Per direction: run_max, run_sum, z_pos, s_pos, and ega's run_max_u, run_sum_u (B_r each).
+    stats = torch.empty(len(state.directions), 6, B, dtype=torch.float32, device=device)
+    stats[:, 0::4] = -math.inf
+    stats[:, 1::4] = 0.0
     params = _schedule.kernel_params(device, spec, False, 1.0)
     kernels = _ops.kernels_for(device)
 
@@ -220,12 +231,18 @@ def ring_forward(inputs, layout: Layout, transport: Transport, spec: LossSpec, k
             params.run_sum = stats[d, 1, r0:].data_ptr()
             params.z_pos = stats[d, 2, r0:].data_ptr()
             params.s_pos = stats[d, 3, r0:].data_ptr()
+            params.run_max_u = stats[d, 4, r0:].data_ptr()
+            params.run_sum_u = stats[d, 5, r0:].data_ptr()
             kernels.hardneg_loss_block_update(params)
         handle.wait()
 
     loss_dB = row_loss(stats[:, 2], stats[:, 0], stats[:, 1])  # (directions, B_r)
     loss_B = loss_dB.mean(dim=0)  # both directions averaged when symmetric
-    saved = torch.stack([loss_dB, stats[:, 3]], dim=1)  # (directions, 2, B_r): L, s_pos
+    # The gradient's softmax: ega's amplified one, else P itself (its row loss is L).
+    grad_loss_dB = (
+        row_loss(stats[:, 2], stats[:, 4], stats[:, 5]) if spec.mode == "ega" else loss_dB
+    )
+    saved = torch.stack([loss_dB, stats[:, 3], grad_loss_dB], dim=1)  # (directions, 3, B_r)
     return loss_B, saved, kept
 
 
@@ -282,6 +299,7 @@ def ring_backward(
             params.s = s_RC.data_ptr()
             params.loss = saved[d, 0, r0:].data_ptr()
             params.s_pos = saved[d, 1, r0:].data_ptr()
+            params.ega_loss = saved[d, 2, r0:].data_ptr()  # read by ega only
             if row_scale_B is not None:
                 params.row_scale = row_scale_B[r0:].data_ptr()
             kernels.hardneg_loss_block_grad(params)  # s_RC <- dL/dS

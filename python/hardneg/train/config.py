@@ -113,7 +113,7 @@ class LossConfig:
     # "llave" (hardness-weighted), "infonce", or "ega" (gradient amplifier reconstruction).
     mode: str = "llave"
     # LLaVE: temperature 0.02 (logit scale 50), alpha 9; EGA's beta and margin are the defaults
-    # the synthetic ablation chose (hardneg._constants, one place for op, reference and recipes).
+    # the controlled benchmark chose (hardneg._constants, one place for op, reference and recipes).
     temperature: float = TEMPERATURE
     alpha: float = ALPHA
     ega_beta: float = EGA_BETA
