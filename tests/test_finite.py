@@ -22,8 +22,12 @@ def deferred(monkeypatch):
 
 
 def _inputs(bad: str | None = None):
-    q, t = torch.randn(6, 8), torch.randn(6, 8)
-    h = torch.randn(6, 2, 8)
+    """Seeded, positive entries: an Inf in any input makes every logit it touches +Inf, so the
+    loss is NaN whatever the draw (with signed entries an Inf can land only on -Inf logits, which
+    the softmax drops, and the loss stays finite)."""
+    g = torch.Generator().manual_seed(0)
+    q, t = torch.rand(6, 8, generator=g), torch.rand(6, 8, generator=g)
+    h = torch.rand(6, 2, 8, generator=g)
     named = {"query": q, "target": t, "hard_negatives": h}
     if bad:
         named[bad].view(-1)[3] = float("inf")
