@@ -10,10 +10,10 @@ run in plain torch at the op's precision, u = that precision's unit roundoff:
     max|o - truth|  <=  2 * (max|plain - truth| + floor_o)
     floor_loss = u * (z_max * n + max|truth|),    floor_grad = u * z_max * (max|truth| + |w|)
 
-- Plain torch's precision: the input dtype for fp32, bf16 and fp16 inputs (what a user would run
-  without hardneg). fp64 inputs: fp32, since the op rounds its inputs to fp32 and accumulates there
-  whatever their dtype (design section 1), so its results on fp64 inputs are fp32 results. The
-  loss is fp32 for every input dtype, so for bf16 / fp16 inputs it is also held to plain fp32.
+- Plain torch's precision: the input dtype (fp32, bf16 or fp16: what a user would run without
+  hardneg; the op rejects fp64). The truth is computed in fp64 on the very inputs the op got
+  (rounded once to their dtype). The loss is fp32 for every input dtype, so for bf16 / fp16
+  inputs it is also held to plain fp32.
 - The floor sits under plain torch's measured error, which can be near zero on one output by
   luck (its roundings cancel there, the op's need not): one rounding of the largest logit carried
   to that output. z_max = 1/tau (+ alpha for llave) is the largest |logit| of unit-norm inputs (59
@@ -79,7 +79,7 @@ def make_inputs(
     M: int = 0,
     *,
     ids: bool = False,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> dict[str, Tensor | None]:
@@ -171,11 +171,6 @@ def reference_outputs(
     return loss_and_grads(
         hardneg_loss_reference, inputs, grad_output=grad_output, dtype=dtype, **ref_options
     )
-
-
-def plain_dtype(input_dtype: torch.dtype) -> torch.dtype:
-    """The dtype plain torch is run in to judge the op on inputs of input_dtype (module doc)."""
-    return torch.float32 if input_dtype == torch.float64 else input_dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +313,7 @@ def compare_with_reference(
     call = {"grad_output": grad_output, **options}
     got = loss_and_grads(loss_fn, inputs, **call)
     truth = reference_outputs(inputs, dtype=torch.float64, **call)
-    plain = reference_outputs(inputs, dtype=plain_dtype(dtype), **call)
+    plain = reference_outputs(inputs, dtype=dtype, **call)
     assert got["loss"].dtype == torch.float32, f"loss has dtype {got['loss'].dtype}"
     for name in OUTPUT_NAMES[1:]:
         if name in got:

@@ -34,6 +34,8 @@ from hardneg._constants import (
     TRANSPORTS,
 )
 
+# Codes of the input dtype exchanged between ranks (distributed/layout.py); check_inputs rejects
+# float64 before any exchange.
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -154,10 +156,18 @@ def check_inputs(query, target, hard_negatives, target_ids, hard_negative_ids) -
             f"hard_negatives must be a torch.Tensor or None, got {type(hard_negatives).__name__}"
         )
     for name, t in (("query", query), ("target", target), ("hard_negatives", hard_negatives)):
+        if t is not None and t.dtype == torch.float64:
+            # Rejected, not rounded: the kernels compute in fp32, and an fp64 caller (a gradcheck,
+            # a numerical study) would get fp32 results labelled fp64.
+            raise TypeError(
+                f"{name} has dtype torch.float64, which hardneg does not compute in (its kernels "
+                "are fp32, with bf16 / fp16 GEMM operands on CUDA): pass float32 (x.float()), or "
+                "use hardneg.hardneg_loss_reference, which computes in any dtype, for fp64 checks"
+            )
         if t is not None and t.dtype not in FLOAT_DTYPES:
             raise TypeError(
-                f"{name} must be a floating tensor (float32, bfloat16, float16 or "
-                f"float64), got dtype {t.dtype}"
+                f"{name} must be a floating tensor (float32, bfloat16 or float16), "
+                f"got dtype {t.dtype}"
             )
     if query.dim() != 2:
         raise ValueError(f"query must be 2-d (B, D), got shape {tuple(query.shape)}")
