@@ -129,7 +129,7 @@ def _worst(a, b) -> float:
 @pytest.mark.parametrize("symmetric", [False, True], ids=["q2t", "sym"])
 @pytest.mark.parametrize("mode", ["infonce", "llave"])
 def test_eager_loss_is_the_reference_in_fp64(B, M, ids, mode, symmetric):
-    inputs = make_inputs(B, 59, M, ids=ids)
+    inputs = make_inputs(B, 59, M, ids=ids, dtype=torch.float64)
     kw = {"mode": mode, "symmetric": symmetric}
     ours = _value_and_grads(lambda **x: eager_autocast_loss(**x, **kw, autocast=False), inputs)
     ref = _value_and_grads(lambda **x: bench_loss_gpu.hardneg_loss_reference(**x, **kw), inputs)
@@ -138,7 +138,7 @@ def test_eager_loss_is_the_reference_in_fp64(B, M, ids, mode, symmetric):
 
 def test_eager_comparison_can_fail():
     """A 0.1% wrong temperature moves the loss or a gradient by far more than the 1e-12 above."""
-    inputs = make_inputs(7, 59, 2, ids=True)
+    inputs = make_inputs(7, 59, 2, ids=True, dtype=torch.float64)
     wrong = _value_and_grads(
         lambda **x: eager_autocast_loss(**x, temperature=TEMPERATURE * 1.001, autocast=False),
         inputs,

@@ -192,7 +192,7 @@ def test_noncontiguous_inputs_and_ids():
 def test_zero_hard_negatives_per_query():
     """hard_negatives of shape (B, 0, D) is the no-hard-negative loss, with an empty gradient."""
     inputs = make_inputs(7, 59, ids=True)
-    inputs["hard_negatives"] = torch.zeros(7, 0, 59, dtype=torch.float64)
+    inputs["hard_negatives"] = torch.zeros(7, 0, 59)
     inputs["hard_negative_ids"] = torch.zeros(7, 0, dtype=torch.int64)
     got = compare_with_reference(inputs, mode="ega", symmetric=True)
     assert got["d_hard_negatives"].shape == (7, 0, 59)

@@ -40,6 +40,9 @@ from loss_testing import (
 )
 
 LOSSES = {"op": fused_hardneg_loss, "reference": hardneg_loss_reference}
+# The dtype each is run in: the op computes in fp32 (it rejects fp64), the reference in fp64, both
+# on the same fp64-built inputs (rounded once for the op) and held to the same fp64 truth.
+DTYPES = {"op": torch.float32, "reference": torch.float64}
 
 
 def _check(loss_name: str, got: dict, truth: dict, plain: dict | None, B: int, **call) -> None:
@@ -119,7 +122,7 @@ def test_gradient_by_hand(loss_name, mode):
     hand = {"beta": HAND_BETA, "margin": HAND_MARGIN}
     ds_BN = torch.tensor(ds_by_hand(S_2x4, mode=mode, **hand), dtype=torch.float64)
     call = {"mode": mode, "reduction": "sum", "ega_beta": HAND_BETA, "ega_margin": HAND_MARGIN}
-    got = loss_and_grads(LOSSES[loss_name], inputs, **call)
+    got = loss_and_grads(LOSSES[loss_name], inputs, dtype=DTYPES[loss_name], **call)
     plain = reference_outputs(inputs, dtype=torch.float32, **call)
     _check(loss_name, got, _expected_grads(ds_BN, inputs), plain, 2, **call)
 
@@ -134,7 +137,9 @@ def test_ega_gradient_differs_from_infonce_as_designed(loss_name):
     def ega_minus_infonce(run) -> torch.Tensor:
         return run(mode="ega", **hand)["d_query"] - run(mode="infonce", **hand)["d_query"]
 
-    diff = ega_minus_infonce(lambda **o: loss_and_grads(LOSSES[loss_name], inputs, **o))
+    diff = ega_minus_infonce(
+        lambda **o: loss_and_grads(LOSSES[loss_name], inputs, dtype=DTYPES[loss_name], **o)
+    )
     plain = ega_minus_infonce(lambda **o: reference_outputs(inputs, dtype=torch.float32, **o))
     s_BN = torch.tensor(S_2x4, dtype=torch.float64)
     p_BN = torch.softmax(s_BN / TEMPERATURE, dim=1)
@@ -152,7 +157,12 @@ def _ds_rows(loss_name: str, inputs: dict, **options) -> torch.Tensor:
     """dL/dS (B, B) of one direction through orthonormal candidates: query = S, target = I."""
     B = inputs["query"].shape[0]
     eye = torch.eye(B, dtype=torch.float64)
-    got = loss_and_grads(LOSSES[loss_name], {"query": inputs["query"], "target": eye}, **options)
+    got = loss_and_grads(
+        LOSSES[loss_name],
+        {"query": inputs["query"], "target": eye},
+        dtype=DTYPES[loss_name],
+        **options,
+    )
     return got["d_query"]
 
 
@@ -228,11 +238,11 @@ def test_kernel_gradient_by_hand_2x3():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["q2t", "sym"])
 def test_ega_forward_is_infonce(loss_name, reduction, symmetric):
-    inputs = make_inputs(7, 59, 2, ids=True)
+    inputs = make_inputs(7, 59, 2, ids=True, dtype=torch.float64)
     options = {"reduction": reduction, "symmetric": symmetric}
     loss_fn = LOSSES[loss_name]
-    ega = loss_and_grads(loss_fn, inputs, mode="ega", **options)
-    infonce = loss_and_grads(loss_fn, inputs, mode="infonce", **options)
+    ega = loss_and_grads(loss_fn, inputs, dtype=DTYPES[loss_name], mode="ega", **options)
+    infonce = loss_and_grads(loss_fn, inputs, dtype=DTYPES[loss_name], mode="infonce", **options)
     if loss_name == "op":
         # One kernel path computes both values: the logits and their logsumexp are the same code.
         assert torch.equal(ega["loss"], infonce["loss"])
@@ -247,14 +257,20 @@ def test_ega_forward_is_infonce(loss_name, reduction, symmetric):
 @pytest.mark.parametrize("symmetric", [False, True], ids=["q2t", "sym"])
 def test_ega_without_amplification_is_infonce(loss_name, symmetric):
     """beta = 0 or a margin below every hardness makes a = 1: EGA is then InfoNCE, gradients too."""
-    inputs = make_inputs(7, 59, 2, ids=True)
+    inputs = make_inputs(7, 59, 2, ids=True, dtype=torch.float64)
     loss_fn = LOSSES[loss_name]
     options = {"symmetric": symmetric, "reduction": "sum"}
     truth = reference_outputs(inputs, dtype=torch.float64, mode="infonce", **options)
     plain = reference_outputs(inputs, dtype=torch.float32, mode="infonce", **options)
     for beta, margin in ((0.0, EGA_MARGIN), (EGA_BETA, -3.0)):
         ega = loss_and_grads(
-            loss_fn, inputs, mode="ega", ega_beta=beta, ega_margin=margin, **options
+            loss_fn,
+            inputs,
+            dtype=DTYPES[loss_name],
+            mode="ega",
+            ega_beta=beta,
+            ega_margin=margin,
+            **options,
         )
         _check(loss_name, ega, truth, plain, 7, mode="ega", **options)
 
@@ -262,16 +278,18 @@ def test_ega_without_amplification_is_infonce(loss_name, symmetric):
 @pytest.mark.parametrize("loss_name", LOSSES)
 @pytest.mark.parametrize("symmetric", [False, True], ids=["q2t", "sym"])
 def test_llave_with_zero_alpha_is_infonce(loss_name, symmetric):
-    inputs = make_inputs(257, 59, 2, ids=True)
+    inputs = make_inputs(257, 59, 2, ids=True, dtype=torch.float64)
     loss_fn = LOSSES[loss_name]
     options = {"symmetric": symmetric, "reduction": "mean"}
-    llave = loss_and_grads(loss_fn, inputs, mode="llave", alpha=0.0, **options)
-    infonce = loss_and_grads(loss_fn, inputs, mode="infonce", **options)
+    llave = loss_and_grads(
+        loss_fn, inputs, dtype=DTYPES[loss_name], mode="llave", alpha=0.0, **options
+    )
+    infonce = loss_and_grads(loss_fn, inputs, dtype=DTYPES[loss_name], mode="infonce", **options)
     truth = reference_outputs(inputs, dtype=torch.float64, mode="infonce", **options)
     plain = reference_outputs(inputs, dtype=torch.float32, mode="infonce", **options)
     _check(loss_name, llave, truth, plain, 257, mode="llave", alpha=0.0, **options)
     # alpha does matter otherwise: the default weight changes the loss by far more than that.
-    weighted = loss_and_grads(loss_fn, inputs, mode="llave", **options)
+    weighted = loss_and_grads(loss_fn, inputs, dtype=DTYPES[loss_name], mode="llave", **options)
     assert (weighted["loss"] - infonce["loss"]).abs() > 0.1
 
 
@@ -279,7 +297,7 @@ def test_llave_with_zero_alpha_is_infonce(loss_name, symmetric):
 def test_reference_infonce_is_cross_entropy(symmetric):
     """The oracle in its plainest form: InfoNCE is F.cross_entropy over S / tau (both directions
     averaged when symmetric), values and gradients."""
-    inputs = make_inputs(7, 59, 2)
+    inputs = make_inputs(7, 59, 2, dtype=torch.float64)
     q, t, h = inputs["query"], inputs["target"], inputs["hard_negatives"]
 
     def cross_entropy(query, target, *, hard_negatives, **_):
@@ -322,7 +340,9 @@ def test_masking_a_candidate_is_deleting_it(loss_name, mode):
     row3 = torch.zeros(B, dtype=torch.float64)
     row3[3] = 1.0
     masked_inputs = {**base, "target_ids": target_ids, "hard_negative_ids": hard_ids.view(B, M)}
-    masked = loss_and_grads(LOSSES[loss_name], masked_inputs, grad_output=row3, **options)
+    masked = loss_and_grads(
+        LOSSES[loss_name], masked_inputs, dtype=DTYPES[loss_name], grad_output=row3, **options
+    )
     others = [0, 1, 2, 4]
     keep_h = [j for j in range(B * M) if j != k]
     deleted_pool = torch.cat([t[others], h_flat[keep_h]])[None]  # (1, N - 2, D)

@@ -266,7 +266,8 @@ def fused_hardneg_loss(
     negatives are never masked (mined negatives without ids; target ids must not use the
     reserved id -2**63, hardneg._constants.UNMASKED_ID). Inputs are used as given: L2-normalise
     them first for cosine similarities (the intended use). float32, bfloat16 and float16 inputs are
-    accumulated in fp32; the loss is fp32 and gradients come back in the input dtype.
+    accumulated in fp32; the loss is fp32 and gradients come back in the input dtype. float64
+    inputs raise TypeError (the kernels are fp32): hardneg_loss_reference computes in fp64.
 
     With s_ij = q_i . c_j, tau = temperature, p(i) = i and P = softmax_j(z):
       infonce:  z_ij = s_ij / tau

@@ -110,8 +110,9 @@ def test_gradcache_fused_loss_fp32_matches_reference():
         "target": [t[s] for s in split_rows(23, 6)],
     }
 
-    def fused(embs):
-        return fused_hardneg_loss(embs["query"], embs["target"], mode="llave", symmetric=True)
+    def fused(embs):  # fp32 embeddings (the fused loss refuses fp64), fp64 model around them
+        q, t = embs["query"].float(), embs["target"].float()
+        return fused_hardneg_loss(q, t, mode="llave", symmetric=True)
 
     gradcache_step(model, streams, fused)
     for p, r in zip(model.parameters(), ref, strict=True):
