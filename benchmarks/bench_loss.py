@@ -1,6 +1,7 @@
-"""Benchmark of hardneg_loss (the fused hard-negative contrastive loss) on the CPU.
+"""Benchmark of hardneg_loss (the fused hard-negative contrastive loss) on the CPU and, with
+--device cuda, on a GPU (benchmarks/bench_loss_gpu.py: bf16, its own providers and shapes).
 
-Providers, side by side in one run:
+CPU providers, side by side in one run:
   hardneg        hardneg.fused_hardneg_loss (row chunks, fused C++ kernel, gradient in the forward)
   reference      hardneg.reference.hardneg_loss_reference, eager (materialised B x N logits)
   compile        torch.compile(hardneg_loss_reference)
@@ -12,9 +13,13 @@ Providers, side by side in one run:
                  dC = dS^T Q), timed in the same rounds
 Modes: forward (under no_grad), backward (backward only, after an untimed forward), full (both).
 Threads: 1 and 2 (common.pin_threads; hardneg passes torch.get_num_threads() to OpenMP).
+GPU providers: hardneg, eager_autocast (bf16 autocast, what users write), torch_chunked (bf16) and
+gemm (hardneg's 3 cuBLAS GEMMs alone); modes forward and full; CUDA-event timing.
 
-    python -m benchmarks.bench_loss                 # full run, writes benchmarks/results/
+    python -m benchmarks.bench_loss                 # full CPU run, writes benchmarks/results/
     python -m benchmarks.bench_loss --quick --out /tmp/bench   # small shapes: a smoke test
+    python -m benchmarks.bench_loss --shapes 0 1 --no-ablation # the CPU target shapes only
+    python -m benchmarks.bench_loss --device cuda   # GPU run (bf16); without a GPU: says so
     python -m benchmarks.bench_loss --render benchmarks/results/bench_loss_<machine>_<date>.json
 
 Legend: B queries, M hard negatives per query, N = B + B*M candidates, D embedding dim,
@@ -40,80 +45,24 @@ from hardneg._spec import LossSpec
 from hardneg.reference import hardneg_loss_reference
 from torch import Tensor
 
-from benchmarks import common
-from benchmarks.bench_loss_report import render_markdown
+from benchmarks import bench_loss_gpu, common
+from benchmarks.bench_loss_report import render_gpu_markdown, render_markdown
+from benchmarks.loss_shapes import (
+    GPU_SHAPES,
+    QUICK_GPU_SHAPES,
+    QUICK_SHAPES,
+    SHAPES,
+    Shape,
+    make_inputs,
+)
 from benchmarks.torch_chunked import torch_chunked_hardneg_loss
 
+__all__ = ["QUICK_SHAPES", "SHAPES", "Shape", "make_inputs", "main", "make_call", "provider_fn"]
+
 PROVIDERS = ("hardneg", "reference", "compile", "torch_chunked")
+# What --providers accepts on the CPU: the providers and the forced recomputing backward.
+CPU_PROVIDER_NAMES = (*PROVIDERS, "hardneg_recompute")
 MODES = ("forward", "backward", "full")
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    B: int
-    N: int
-    D: int
-    mode: str = "llave"
-    symmetric: bool = False
-    masked: bool = False  # duplicate ids, so the false-negative mask is exercised
-    repeats: int = 7
-
-    @property
-    def M(self) -> int:
-        return self.N // self.B - 1
-
-    @property
-    def name(self) -> str:
-        extra = "+sym" if self.symmetric else ""
-        extra += "+mask" if self.masked else ""
-        return f"B={self.B} N={self.N} D={self.D} {self.mode}{extra}"
-
-    def gemm_flops(self, mode: str) -> float:
-        """FLOPs of the GEMMs the loss needs (elementwise work not counted)."""
-        per_gemm = 2.0 * self.B * self.N * self.D
-        sym = 2.0 * self.B * self.B * self.D if self.symmetric else 0.0
-        n_gemms = {"forward": 1, "backward": 2, "full": 3}[mode]
-        return n_gemms * (per_gemm + sym)
-
-
-# The one shape list: the three target shapes first, then an infonce symmetric masked row and an ega
-# masked row. Fewer repeats where the eager reference takes seconds per call.
-SHAPES = (
-    Shape(512, 8192, 1024),
-    Shape(1024, 16384, 64),
-    Shape(1024, 65536, 256, repeats=3),
-    Shape(512, 4096, 256, mode="infonce", symmetric=True, masked=True),
-    Shape(512, 8192, 256, mode="ega", masked=True),
-)
-QUICK_SHAPES = (
-    Shape(64, 512, 32, repeats=3),
-    Shape(64, 256, 16, mode="infonce", symmetric=True, masked=True, repeats=3),
-    Shape(48, 192, 24, mode="ega", masked=True, repeats=3),
-)
-
-
-def make_inputs(shape: Shape, *, seed: int = 0) -> dict:
-    """L2-normalised fp32 query (B, D), target (B, D), hard_negatives (B, M, D) and, when masked,
-    int64 ids with duplicates. Built without large temporaries (memory probes rely on it)."""
-    g = torch.Generator().manual_seed(seed)
-    B, M, D = shape.B, shape.M, shape.D
-    q_BD = torch.randn(B, D, generator=g)
-    t_BD = torch.randn(B, D, generator=g)
-    h_BMD = torch.randn(B, M, D, generator=g)
-    for x in (q_BD, t_BD, h_BMD):
-        x.div_(torch.linalg.vector_norm(x, dim=-1, keepdim=True))
-    # Correlate positives with their queries so the loss is not at its random-init plateau.
-    t_BD.add_(q_BD, alpha=2.0).div_(torch.linalg.vector_norm(t_BD, dim=-1, keepdim=True))
-    inputs = {"query": q_BD, "target": t_BD, "hard_negatives": h_BMD if M > 0 else None}
-    if shape.masked:
-        # Every 16th target repeats an earlier id; hard negatives draw ids that sometimes collide.
-        target_ids = torch.arange(B) % (B - B // 16)
-        inputs["target_ids"] = target_ids
-        inputs["hard_negative_ids"] = torch.randint(0, 4 * B, (B, M), generator=g)
-    else:
-        inputs["target_ids"] = None
-        inputs["hard_negative_ids"] = None
-    return inputs
 
 
 def loss_kwargs(shape: Shape) -> dict:
@@ -345,29 +294,73 @@ def summarise(shape: Shape, timings: dict, *, basis: str) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked: argparse's error (exit 2) names a bad option and its value."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     common.add_output_args(ap, "small shapes, 3 repeats (smoke test)")
-    ap.add_argument("--shapes", type=int, nargs="*", help="indices into the shape list")
-    ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
-    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument(
+        "--dtype",
+        choices=tuple(bench_loss_gpu.DTYPES),
+        help="input dtype: float32 on cpu (the only one), bfloat16 by default on cuda",
+    )
+    ap.add_argument("--shapes", type=int, nargs="*", help="indices into the device's shape list")
+    ap.add_argument("--threads", type=int, nargs="*", default=[1, 2], help="cpu only")
+    ap.add_argument("--providers", nargs="*", help="default: all of the device's providers")
+    ap.add_argument("--repeats", type=int, help="override each shape's repeats (cuda only)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     ap.add_argument("--no-ablation", action="store_true", help="skip fused-vs-recompute and chunks")
     ap.add_argument("--render", metavar="JSON", help="rewrite the markdown of a results JSON")
     ap.add_argument("--probe-memory", nargs=3, metavar=("SHAPE", "PROVIDER", "MODE"))
     args = ap.parse_args(argv)
+    cuda = args.device == "cuda"
+    known = bench_loss_gpu.GPU_PROVIDERS if cuda else CPU_PROVIDER_NAMES
+    if args.providers is not None:
+        unknown = [p for p in args.providers if p not in known]
+        if unknown or not args.providers:
+            ap.error(
+                f"--providers {args.providers}: choose from {known} for --device {args.device}"
+            )
+    if args.dtype is None:
+        args.dtype = "bfloat16" if cuda else "float32"
+    elif not cuda and args.dtype != "float32":
+        ap.error(f"--dtype {args.dtype} needs --device cuda (the CPU benchmark runs float32)")
+    if args.repeats is not None and args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: must be at least 1")
+    if args.shapes is not None:
+        if cuda:
+            n = len(QUICK_GPU_SHAPES if args.quick else GPU_SHAPES)
+        else:
+            n = len(QUICK_SHAPES if args.quick else SHAPES)
+        bad = [i for i in args.shapes if not 0 <= i < n]
+        if bad:
+            ap.error(f"--shapes {bad}: out of range, the {args.device} list has {n} shapes")
+    return args
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.render:
         path = Path(args.render)
-        path.with_suffix(".md").write_text(render_markdown(json.loads(path.read_text())))
-        return
+        record = json.loads(path.read_text())
+        render = render_gpu_markdown if "device" in record["machine"] else render_markdown
+        path.with_suffix(".md").write_text(render(record))
+        return 0
     if args.probe_memory:
         idx, provider, mode = args.probe_memory
         print(json.dumps(memory_probe(int(idx), provider, mode, args.quick)))
-        return
+        return 0
+    if args.device == "cuda":
+        return bench_loss_gpu.main(args)
+    run_cpu(args)
+    return 0
 
+
+def run_cpu(args: argparse.Namespace) -> None:
+    """The CPU benchmark: check, time (1 and 2 threads), memory, ablations; writes the results."""
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch._inductor")
+    providers = args.providers or list(PROVIDERS)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     indices = args.shapes if args.shapes is not None else list(range(len(shapes)))
     check_providers([shapes[i] for i in indices])
@@ -376,7 +369,7 @@ def main(argv=None) -> None:
         shape = shapes[i]
         entry = {"index": i, **dataclasses.asdict(shape), "name": shape.name, "timings": {}}
         for threads in args.threads:
-            timings = time_shape(shape, threads, args.providers, repeats=shape.repeats)
+            timings = time_shape(shape, threads, providers, repeats=shape.repeats)
             entry["timings"][str(threads)] = {
                 "raw": timings,
                 # One thread: CPU time, immune to other processes holding the core. Two: wall.
@@ -386,7 +379,7 @@ def main(argv=None) -> None:
             }
         if not args.no_memory:
             entry["memory_full"] = {}
-            for p in args.providers:
+            for p in providers:
                 probe_args = ["--probe-memory", str(i), p, "full"] + (
                     ["--quick"] if args.quick else []
                 )

@@ -331,11 +331,13 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(op: str, record: dict, markdown: str, *, out_dir: Path = RESULTS_DIR) -> Path:
+def write_results(
+    op: str, record: dict, markdown: str, *, out_dir: Path = RESULTS_DIR, slug: str | None = None
+) -> Path:
     """Write <out_dir>/<op>_<machine>_<date>.json and .md; returns the JSON path. record must hold
-    "machine" (machine_record())."""
+    "machine" (machine_record()); slug names the machine instead of machine_slug() (a GPU)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{op}_{machine_slug()}_{record['machine']['date']}"
+    stem = f"{op}_{slug or machine_slug()}_{record['machine']['date']}"
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(record, indent=1) + "\n")
     (out_dir / f"{stem}.md").write_text(markdown)

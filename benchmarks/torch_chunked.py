@@ -1,11 +1,13 @@
 """The pure-torch row-chunked hardneg loss: the strongest alternative a user could write without
 hardneg (design section 6), the `torch_chunked` provider of benchmarks/bench_loss.py.
 
-It runs hardneg's row schedule with torch ops: the same row chunks and chunk size, elementwise work
-in place where possible, and the gradient computed in the forward pass the same way (one pass of 3
-GEMMs per chunk; backward only scales the saved gradients). Extra memory is O(R x N) per chunk plus
+It runs hardneg's row schedule with torch ops: the same row chunks and chunk size (hardneg's
+default for the inputs' device, hardneg._schedule.default_chunk_size), elementwise work in place
+where possible, and the gradient computed in the forward pass the same way (one pass of 3 GEMMs per
+chunk; backward only scales the saved gradients). Extra memory is O(R x N) per chunk plus
 [target; hard_negatives] and the saved gradients, like hardneg's. It computes in its inputs' dtype
-(fp32 in the benchmarks) and returns the mean loss. tests/test_torch_chunked.py holds it to the
+(fp32 in the CPU benchmarks, bf16 on GPUs: S, the softmax and the gradient accumulators in bf16,
+what a user's bf16 code gets) and returns the mean loss. tests/test_torch_chunked.py holds it to the
 fp64 reference under the loss tests' error rule, so the peer the benchmark beats is a correct one.
 
 Legend: B queries, M hard negatives per query, N = B + B*M candidates, D embedding dim, R rows in a
@@ -83,7 +85,7 @@ class _TorchChunkedLoss(torch.autograd.Function):
         dq_BD = torch.zeros_like(query) if need_grad else None
         dc_ND = torch.zeros_like(c_ND) if need_grad else None
         loss_B = query.new_empty(B)
-        chunk = opts["chunk_size"] or default_chunk_size(N)
+        chunk = opts["chunk_size"] or default_chunk_size(N, query.device)
         _row_pass(query, c_ND, target_ids, ids_N, opts, chunk, loss_B, grad_scale, dq_BD, dc_ND)
         if opts["symmetric"]:
             # Target -> query over the in-batch targets; query i carries the id of its positive.
@@ -94,7 +96,7 @@ class _TorchChunkedLoss(torch.autograd.Function):
                 target_ids,
                 target_ids,
                 opts,
-                opts["chunk_size"] or default_chunk_size(B),
+                opts["chunk_size"] or default_chunk_size(B, query.device),
                 loss_t_B,
                 grad_scale,
                 dc_ND[:B] if need_grad else None,
@@ -134,7 +136,8 @@ def torch_chunked_hardneg_loss(
     """Mean hardneg loss in plain torch with hardneg's row schedule.
 
     query, target (B, D); hard_negatives (B, M, D); ids and options as in fused_hardneg_loss
-    (reduction "mean" only). chunk_size: rows per chunk, default hardneg's default_chunk_size(N).
+    (reduction "mean" only). chunk_size: rows per chunk, default hardneg's
+    default_chunk_size(N, device).
     """
     opts = {
         "mode": mode,

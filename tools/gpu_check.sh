@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Validates hardneg on a GPU machine in one command, in at most 8 minutes on one GPU:
 #   build with CUDA and NCCL; the CUDA tests; compute-sanitizer memcheck, racecheck and synccheck
-#   on the loss kernels; the loss benchmark against cuBLAS GEMMs (fp32, bf16) and the pure-torch
-#   chunked peer; a 1-GPU run of the tiny training config; with 2+ GPUs, the NCCL ring tests and
-#   the tiny config on 2 GPUs over NCCL.
-# Writes benchmarks/results/gpu_check_<date>_<host>.{json,md} and prints a one-screen summary.
+#   on the loss kernels; the loss benchmark in bf16 (python -m benchmarks.bench_loss --device cuda:
+#   hardneg against its 3 cuBLAS GEMMs, eager torch under autocast and the pure-torch chunked
+#   peer); a 1-GPU run of the tiny training config; with 2+ GPUs, the NCCL ring tests and the tiny
+#   config on 2 GPUs over NCCL.
+# Writes benchmarks/results/gpu_check_<date>_<host>.{json,md} and the benchmark's
+# bench_loss_gpu_<gpu>_<date>.{json,md} there, and prints a one-screen summary.
 # Without a GPU it says so in one line and exits 0, running nothing.
 #
 #   tools/gpu_check.sh            # from the repository, inside the Python environment to test
@@ -85,7 +87,7 @@ else
     echo "compute-sanitizer not on PATH (CUDA toolkit bin/)" >"$work/$tool.log"
   done
 fi
-step bench_loss 120 "$PYTHON" tools/gpu_bench_loss.py --out "$work/bench_loss.json"
+step bench_loss 150 "$PYTHON" -m benchmarks.bench_loss --device cuda --out "$work/bench_loss"
 step train_1gpu 120 env CUDA_VISIBLE_DEVICES=0 "$PYTHON" "${train_args[@]}" \
   --train.output_dir "$work/train_1gpu"
 if ((gpus >= 2)); then
@@ -101,6 +103,7 @@ fi
 """Writes the JSON + markdown report of the steps and prints the summary."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,9 +117,14 @@ for line in Path(steps_tsv).read_text().splitlines():
                   "log_tail": text.splitlines()[-25:]})
 smi = subprocess.run([os.environ.get("HARDNEG_NVIDIA_SMI", "nvidia-smi"), "--query-gpu=name,driver_version,memory.total",
                       "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
-bench = Path(work) / "bench_loss.json"
+# The loss benchmark's own JSON + markdown go to the results beside this report.
+bench_json = sorted((Path(work) / "bench_loss").glob("*.json"))
+for f in bench_json:
+    for g in (f, f.with_suffix(".md")):
+        if g.exists():
+            shutil.copy(g, Path(base).parent / g.name)
 record = {"gpus": int(gpus), "nvidia_smi": smi.splitlines(), "seconds": int(seconds),
-          "steps": steps, "bench_loss": json.loads(bench.read_text()) if bench.exists() else None}
+          "steps": steps, "bench_loss": json.loads(bench_json[0].read_text()) if bench_json else None}
 try:
     import hardneg
     record["build_info"] = hardneg.build_info()
@@ -129,12 +137,18 @@ md = [f"# GPU check: {'PASS' if ok else 'FAIL'}", "", f"GPUs ({gpus}): " + "; ".
       "| step | status | seconds |", "| --- | --- | --- |"]
 md += [f"| {s['step']} | {s['status']} | {s['seconds']} |" for s in steps]
 if record["bench_loss"]:
-    md += ["", "| shape | dtype | hardneg ms | 3 GEMMs ms | ratio | torch_chunked / hardneg |",
+    md += ["", f"bench_loss, full forward + backward, {record['bench_loss']['machine']['dtype']} "
+           f"({bench_json[0].with_suffix('.md').name} has the rest):", "",
+           "| shape | hardneg ms | 3 GEMMs ms | x floor | eager / hardneg | chunked / hardneg |",
            "| --- | --- | --- | --- | --- | --- |"]
-    for r in record["bench_loss"]["results"]:
-        ms = r["median_ms"]
-        md.append(f"| {r['shape']} | {r['dtype']} | {ms['hardneg']:.3f} | {ms['gemm']:.3f} | "
-                  f"{r['hardneg_over_gemm']:.2f} | {r.get('torch_chunked_over_hardneg', 0):.2f} |")
+    for entry in record["bench_loss"]["shapes"]:
+        by = {r["provider"]: r for r in entry["summary"] if r["mode"] == "full"}
+        if "hardneg" not in by or "gemm" not in by:
+            continue
+        h = by["hardneg"]
+        cells = [f"{x:.2f}" if x else "" for x in (h["x_gemm"], h["eager_over"], h["chunked_over"])]
+        md.append(f"| {entry['name']} | {h['median_ms']:.3f} | {by['gemm']['median_ms']:.3f} | "
+                  + " | ".join(cells) + " |")
 for s in steps:
     if s["status"] not in ("pass", "skipped"):
         md += ["", f"## {s['step']} ({s['status']})", "```", *s["log_tail"], "```"]

@@ -47,6 +47,13 @@ def operand(x: Tensor) -> Tensor:
     return x.float().contiguous()
 
 
+def grad_operand(ds: Tensor, like: Tensor) -> Tensor:
+    """dS (fp32) as the left factor of the gradient GEMMs with operand `like`: rounded once to a
+    low-precision operand's dtype (both gradient GEMMs then read the 2-byte copy, instead of each
+    converting the fp32 dS on its own), or dS itself."""
+    return ds if like.dtype == torch.float32 else ds.to(like.dtype)
+
+
 def mm(a: Tensor, b: Tensor, out: Tensor) -> None:
     """out (fp32) = a @ b. a is cast to b's dtype when b is a low-precision operand."""
     if b.dtype == torch.float32:

@@ -177,7 +177,7 @@ def row_pass(
         if not need_grad:
             continue
         for k, (c_KD, d_c_KD, (c0, c1)) in enumerate(zip(blocks, d_blocks, spans, strict=True)):
-            ds_RK = s_RN[:, c0:c1]
+            ds_RK = _gemm.grad_operand(s_RN[:, c0:c1], c_KD)
             if k == 0 and not accumulate:
                 _gemm.mm(ds_RK, c_KD, out=d_rows_BD[r0:r1])  # (R, K) x (K, D) -> (R, D)
             else:

@@ -198,18 +198,24 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(dq, dc)
 
 
+def _scaled(grad: Tensor, grad_loss: Tensor, like: Tensor) -> Tensor:
+    """grad (fp32) * grad_loss in like's dtype, a fresh tensor, in one pass: the multiply rounds
+    once into the output (what (grad * grad_loss).to(dtype) gives, without the fp32 temporary)."""
+    out = torch.empty(grad.shape, dtype=like.dtype, device=grad.device)
+    return torch.mul(grad, grad_loss, out=out)
+
+
 def _backward(ctx, grad_loss, _grad_dq, _grad_dc):
     if ctx.fused:
         # The gradients were computed with the forward pass at grad_output = 1; the reduced loss
         # is a scalar, so backward only scales them.
-        # One multiply per output, each a fresh tensor: no clone, no further copy for fp32.
         query, target, hard_negatives, dq_BD, dc_ND = ctx.saved_tensors
         B = query.shape[0]
-        dq = (dq_BD * grad_loss).to(query.dtype)
-        dt = (dc_ND[:B] * grad_loss).to(target.dtype)
+        dq = _scaled(dq_BD, grad_loss, query)
+        dt = _scaled(dc_ND[:B], grad_loss, target)
         dh = None
         if hard_negatives is not None:
-            dh = (dc_ND[B:] * grad_loss).view(hard_negatives.shape).to(hard_negatives.dtype)
+            dh = _scaled(dc_ND[B:], grad_loss, hard_negatives).view(hard_negatives.shape)
     else:
         query, target, hard_negatives, target_ids, hard_negative_ids = ctx.saved_tensors
         dq, dt, dh = _hardneg_loss_backward_op(

@@ -74,9 +74,11 @@ def test_reads_all_layouts_and_fields(mmeb_root):
     assert isinstance(ex["query"]["image"], Image.Image) and ex["query"]["image"].mode == "RGB"
     assert ex["query"]["image"].getpixel((0, 0)) == (0, 255, 0)
     assert ex["target"] == {"text": "green", "image": None}
-    assert ex["negatives"] == [{"text": "red", "image": None}]
+    assert ex["hard_negatives"] == [{"text": "red", "image": None}]
     caps = ds[0]
-    assert caps["query"]["image"] is None and caps["negatives"] == [] == caps["negative_ids"]
+    assert (
+        caps["query"]["image"] is None and caps["hard_negatives"] == [] == caps["hard_negative_ids"]
+    )
     assert caps["target"]["image"].getpixel((0, 0)) == (255, 0, 0)
     diverse = MMEBTrainDataset(mmeb_root, subsets=["HFLayout"], split="diverse_instruction")
     assert len(diverse) == 1 and diverse[0]["query"]["text"] == "other split"
@@ -113,8 +115,8 @@ def test_target_ids_equal_for_equal_targets(mmeb_root):
     assert cls[1]["target_id"] == cls[3]["target_id"]  # "green" twice
     assert cls[0]["target_id"] != cls[1]["target_id"]
     # A negative equal to another row's target shares its id (so the loss can mask it).
-    assert cls[1]["negative_ids"] == [cls[0]["target_id"]]
-    assert cls[2]["negative_ids"] == [cls[1]["target_id"]]
+    assert cls[1]["hard_negative_ids"] == [cls[0]["target_id"]]
+    assert cls[2]["hard_negative_ids"] == [cls[1]["target_id"]]
     caps = [by[("Caps", r)] for r in range(5)]
     assert caps[0]["target_id"] == caps[3]["target_id"]  # same text and image path
     assert len({c["target_id"] for c in caps}) == 3
@@ -207,10 +209,10 @@ def test_collator_shapes_order_and_ids(mmeb_root):
     assert batch["target"]["input_ids"].shape[0] == 4 and "pixel_values" not in batch["target"]
     assert batch["hard_negatives"]["input_ids"].shape[0] == 4
     assert batch["target_ids"].tolist() == [e["target_id"] for e in ex]
-    assert batch["hard_negative_ids"].tolist() == [e["negative_ids"] for e in ex]
+    assert batch["hard_negative_ids"].tolist() == [e["hard_negative_ids"] for e in ex]
     assert batch["subsets"] == ["ImgCls"] * 4
     # Row b of hard_negatives is example b's negative (row-major per query).
-    want = embedder.prepare([ex[2]["negatives"][0]], role="target")["input_ids"][0]
+    want = embedder.prepare([ex[2]["hard_negatives"][0]], role="target")["input_ids"][0]
     got = batch["hard_negatives"]["input_ids"][2]
     assert got[batch["hard_negatives"]["attention_mask"][2].bool()].tolist() == want.tolist()
     none = TrainCollator(embedder)(ex)
@@ -227,7 +229,7 @@ def test_collator_shapes_order_and_ids(mmeb_root):
     t0 = ex2[0]["target_id"]
     assert filled["hard_negative_ids"].tolist() == [
         [t0, t0],
-        [ex2[1]["negative_ids"][0], ex2[1]["target_id"]],
+        [ex2[1]["hard_negative_ids"][0], ex2[1]["target_id"]],
     ]
 
     # The batch feeds the embedder and the fused loss, gradients included.

@@ -41,7 +41,7 @@ def test_splits_and_fields(mmeb_train):
     assert train.subsets == ["OK-VQA"] and len(train) == 3
     memes = _rows(original, "HatefulMemes")
     assert [m["target"]["text"] for m in memes] == ["No", "Yes", "No", "No"]
-    assert [m["negatives"] for m in memes][:2] == [
+    assert [m["hard_negatives"] for m in memes][:2] == [
         [{"text": "Yes", "image": None}],
         [{"text": "No", "image": None}],
     ]

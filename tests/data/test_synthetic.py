@@ -63,7 +63,7 @@ def test_row_counts_and_layout(syn):
     # The train split reads back through the MMEB-train reader, images included.
     ds = MMEBTrainDataset(out / "train")
     assert len(ds) == N and ds.subsets == sorted(TRAIN_SUBSETS)
-    assert all(len(ds[i]["negatives"]) == 1 for i in range(0, N, 5))
+    assert all(len(ds[i]["hard_negatives"]) == 1 for i in range(0, N, 5))
 
 
 def test_hard_negatives_differ_in_exactly_one_attribute(syn):

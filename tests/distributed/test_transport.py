@@ -125,8 +125,14 @@ def test_bootstrap_device(monkeypatch, backend, expected):
     assert transport._bootstrap_device(object(), CUDA1) == torch.device(expected)
 
 
+# The process group is destroyed by the first atexit hook registered, so it runs after
+# hardneg's (hooks run last-in first-out): the communicator is let go while the group lives, and
+# gloo's own threads are joined instead of torn down with the interpreter (an un-destroyed gloo
+# group occasionally aborts the process at exit: "terminate called without an active exception").
 _AT_EXIT = """
+import atexit
 import torch.distributed as dist
+atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 from fake_nccl import FakeNccl, fake_cuda
 from hardneg.distributed.transport import make_transport
 fake_cuda()

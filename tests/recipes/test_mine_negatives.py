@@ -159,16 +159,16 @@ def test_training_reader_returns_the_mined_negatives(data, mined):
     }
     for ex in examples:
         # The positive and its duplicates (same target id) are never among the negatives.
-        assert ex["target_id"] not in ex["negative_ids"]
+        assert ex["target_id"] not in ex["hard_negative_ids"]
         chosen = written[ex["subset"]][ex["row"]]
-        assert len(ex["negatives"]) == len(chosen)
-        for item, (text, path) in zip(ex["negatives"], chosen, strict=True):
+        assert len(ex["hard_negatives"]) == len(chosen)
+        for item, (text, path) in zip(ex["hard_negatives"], chosen, strict=True):
             assert item["text"] == (text or None) and (item["image"] is None) == (path == "")
-    with_negatives = [ex for ex in examples if ex["negatives"]]
+    with_negatives = [ex for ex in examples if ex["hard_negatives"]]
     assert with_negatives
     batch = TrainCollator(Embedder.tiny(), num_hard_negatives=1)(with_negatives)
     assert batch["hard_negatives"]["input_ids"].shape[0] == len(with_negatives)
-    want_ids = [ex["negative_ids"][0] for ex in with_negatives]
+    want_ids = [ex["hard_negative_ids"][0] for ex in with_negatives]
     assert batch["hard_negative_ids"][:, 0].tolist() == want_ids
     assert _digests(data) == before  # the originals are untouched
 
@@ -233,7 +233,7 @@ def test_flat_jsonl_layout(tmp_path):
         )
         assert row["neg_image_path"] == ["", ""]
     ds = MMEBTrainDataset(tmp_path / "o")
-    assert [len(ds[i]["negatives"]) for i in range(len(ds))] == [2, 2, 2, 2]
+    assert [len(ds[i]["hard_negatives"]) for i in range(len(ds))] == [2, 2, 2, 2]
 
 
 @pytest.mark.parametrize(

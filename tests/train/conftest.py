@@ -7,14 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from hardneg.data.synthetic import COLOURS as SYNTHETIC_COLOURS
 from PIL import Image, ImageDraw
 
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 200, 60),
-    "blue": (40, 60, 230),
-    "yellow": (240, 220, 40),
-}
+# Four of the synthetic generator's colours, one palette for the project.
+COLOURS = {c: SYNTHETIC_COLOURS[c] for c in ("red", "green", "blue", "yellow")}
 SIDES = ("left", "right")
 
 

@@ -74,12 +74,13 @@ class TrainCollator:
             return batch
         items, ids = [], []
         for b, ex in enumerate(examples):
-            mine, mine_ids = list(ex["negatives"][:M]), list(ex["negative_ids"][:M])
+            mine, mine_ids = list(ex["hard_negatives"][:M]), list(ex["hard_negative_ids"][:M])
             if len(mine) < M:
                 if self.missing_hard_negatives == "error":
                     raise ValueError(
                         f"example {b} (subset {ex.get('subset', '?')} row {ex.get('row', '?')}) "
-                        f"has {len(ex['negatives'])} hard negatives but num_hard_negatives={M}; "
+                        f"has {len(ex['hard_negatives'])} hard negatives but "
+                        f"num_hard_negatives={M}; "
                         "use same-subset batches, num_hard_negatives=0, or "
                         "missing_hard_negatives='repeat_target'"
                     )
@@ -129,9 +130,9 @@ class ChunkedCollate:
         self.dummy_example = {
             "query": dummy,
             "target": dummy,
-            "negatives": [dummy] * M,
+            "hard_negatives": [dummy] * M,
             "target_id": -1,
-            "negative_ids": [-1] * M,
+            "hard_negative_ids": [-1] * M,
             "subset": "",
         }
 

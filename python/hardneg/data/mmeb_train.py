@@ -180,8 +180,8 @@ def _image_fields(row: dict) -> list[tuple[str, str]]:
 class MMEBTrainDataset(Dataset):
     """Map-style dataset of MMEB-train examples.
 
-    dataset[i] = {"query": item, "target": item, "negatives": [item, ...], "target_id": int,
-    "negative_ids": [int, ...], "subset": str, "row": int}, items {"text": str | None,
+    dataset[i] = {"query": item, "target": item, "hard_negatives": [item, ...], "target_id": int,
+    "hard_negative_ids": [int, ...], "subset": str, "row": int}, items {"text": str | None,
     "image": PIL.Image | None} with images decoded (RGB). "row" is the row's index in its subset's
     file(s), the number error messages use.
 
@@ -395,11 +395,11 @@ class MMEBTrainDataset(Dataset):
             "target": self._item(
                 row["pos_text"], row["pos_image_path"], subset, row, "pos_image_path"
             ),
-            "negatives": [
+            "hard_negatives": [
                 self._item(t, p, subset, row, "neg_image_path") for t, p in row["negatives"]
             ],
             "target_id": row["target_id"],
-            "negative_ids": list(row["negative_ids"]),
+            "hard_negative_ids": list(row["negative_ids"]),
             "subset": subset,
             "row": row["_row"],
         }

@@ -303,8 +303,9 @@ def ring_backward(
             if row_scale_B is not None:
                 params.row_scale = row_scale_B[r0:].data_ptr()
             kernels.hardneg_loss_block_grad(params)  # s_RC <- dL/dS
-            _gemm.addmm_(d_rows[d][r0:r1], s_RC, c_XD[c0:c1])  # (R, C) x (C, D) -> (R, D)
-            _gemm.addmm_(g_XD[c0:c1], s_RC.T, direction.rows_BD[r0:r1])  # (C, R) x (R, D)
+            ds_RC = _gemm.grad_operand(s_RC, c_XD)
+            _gemm.addmm_(d_rows[d][r0:r1], ds_RC, c_XD[c0:c1])  # (R, C) x (C, D) -> (R, D)
+            _gemm.addmm_(g_XD[c0:c1], ds_RC.T, direction.rows_BD[r0:r1])  # (C, R) x (R, D)
         handle.wait()
         if step >= 1:
             g_XD += incoming[: layout.block_rows(k)]
