@@ -31,6 +31,8 @@ from torch import Tensor
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 EMULATE_ON_CPU = False
+# The kernels' dS dtype codes (csrc/include/hardneg/hardneg_loss.h, DsDtype).
+DS_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def low_precision_operands(dtype: torch.dtype, device: torch.device) -> bool:
