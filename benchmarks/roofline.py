@@ -304,7 +304,8 @@ def model(shapes=GPU_SHAPES) -> dict:
         entry = {"name": shape.name, **dataclasses.asdict(shape), "predictions": {}}
         for key, gpu in GPUS.items():
             entry["predictions"][key] = {s: predict(shape, gpu, s) for s in SCENARIOS}
-            entry.setdefault("chunk_rows", {})[key] = min(chunk_rows(shape.N, gpu), shape.B)
+            rows = chunk_rows(shape.N, gpu, ds_bytes=2)  # hardneg's: S and its bf16 dS
+            entry.setdefault("chunk_rows", {})[key] = min(rows, shape.B)
         record["shapes"].append(entry)
     for key, gpu in GPUS.items():
         record["target"][key] = {s: target_budget(gpu, s) for s in SCENARIOS}
