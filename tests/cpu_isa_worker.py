@@ -9,6 +9,8 @@ Every entry point of the variant is exercised:
                         fp64 logsumexp
   hardneg_exp           ulp error over 5M points (bound of tests/test_kernel_math.py), special
                         values, the same bits in the vector body and the tail
+  hardneg_round         bf16 / fp16 rounding of dS: torch's .to() bits over every class of fp32
+                        bit pattern (tests/test_ds_rounding.py), body and tail alike
 Prints one JSON line {"cpu_isa", "failures": [...], "exp_max_ulp"}; exits 0 either way, so the
 caller asserts on the content. --perturb runs the fused loss and the column blocks at a
 temperature 0.1% off, to prove the checks can fail.
@@ -35,6 +37,7 @@ from loss_testing import (  # noqa: E402
     reference_outputs,
     rule_for,
 )
+from test_ds_rounding import all_classes, hardneg_round, mismatches  # noqa: E402
 from test_kernel_math import dense_grid, hardneg_exp, ulp_error  # noqa: E402
 
 # (B, D, M, ids, mode, symmetric, reduction, chunk_size, threads): awkward sizes (B = 1, 7, 257;
@@ -154,6 +157,18 @@ def check_exp(failures: list[str]) -> float:
     return worst
 
 
+def check_round(failures: list[str]) -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        x = all_classes(dtype)
+        got = hardneg_round(x, dtype)
+        bad = mismatches(got, x, dtype)
+        if bad:
+            failures.append(f"round to {dtype}: {bad} values differ from torch's .to()")
+        shifted = hardneg_round(torch.cat([x[:1], x]), dtype)[1:]
+        if not torch.equal(got.view(torch.int16), shifted.view(torch.int16)):
+            failures.append(f"round to {dtype}: the vector body and the tail disagree")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--perturb", action="store_true", help="temperature 0.1%% off")
@@ -163,6 +178,7 @@ def main() -> int:
     check_loss(failures, perturb=args.perturb)
     check_blocks(failures, perturb=args.perturb)
     worst = check_exp(failures)
+    check_round(failures)
     info = hardneg.build_info()
     print(json.dumps({"cpu_isa": info["cpu_isa"], "failures": failures, "exp_max_ulp": worst}))
     return 0

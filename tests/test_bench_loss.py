@@ -263,34 +263,39 @@ def _bytes_per_s_elem(kernels, shape, *names):
 
 
 def test_hardneg_passes_over_s():
-    """As built: S read twice and dS written fp32 by the kernel (12 B), one cast to bf16 (6);
-    bf16 dS: 4 + 4 + 2; one read: 4 + 2; a 65536-wide fp32 row (256 KiB) cannot stay on chip."""
+    """As built: S read twice and dS written in bf16 by the kernel (4 + 4 + 2 B), no cast pass;
+    one read: 4 + 2; a 65536-wide fp32 row (256 KiB) cannot stay on chip."""
     shape, gpu = GPU_SHAPES[0], roofline.GPUS["h100-sxm"]
     built = roofline.hardneg_kernels(shape, gpu)
-    assert _bytes_per_s_elem(built, shape, "kernel") == 12
-    assert _bytes_per_s_elem(built, shape, "-> bf16") == 6
-    bf16 = roofline.hardneg_kernels(shape, gpu, bf16_ds=True)
-    assert _bytes_per_s_elem(bf16, shape, "kernel") == 10
-    assert _bytes_per_s_elem(bf16, shape, "-> bf16") == 0
-    one = roofline.hardneg_kernels(shape, gpu, bf16_ds=True, one_read=True)
+    assert _bytes_per_s_elem(built, shape, "kernel") == 10
+    assert not any("-> bf16" in k.name for k in built)
+    one = roofline.hardneg_kernels(shape, gpu, one_read=True)
     assert _bytes_per_s_elem(one, shape, "kernel") == 6
     wide = GPU_SHAPES[1]
     assert _bytes_per_s_elem(
-        roofline.hardneg_kernels(wide, gpu, bf16_ds=True, one_read=True), wide, "kernel"
-    ) == _bytes_per_s_elem(roofline.hardneg_kernels(wide, gpu, bf16_ds=True), wide, "kernel")
+        roofline.hardneg_kernels(wide, gpu, one_read=True), wide, "kernel"
+    ) == _bytes_per_s_elem(roofline.hardneg_kernels(wide, gpu), wide, "kernel")
+    # fp32 inputs: dS in place of S, written in fp32.
+    assert _bytes_per_s_elem(roofline.hardneg_kernels(shape, gpu, e=4), shape, "kernel") == 12
 
 
 def test_chunk_rows_follow_hardnegs_schedule(monkeypatch):
-    """The model's chunk rows are hardneg._schedule's for a device of that memory size."""
+    """The model's chunk rows are hardneg._schedule's for a device of that memory size, with and
+    without the chunk's bf16 dS buffer."""
     for gpu in roofline.GPUS.values():
         props = SimpleNamespace(total_memory=gpu.memory_mib * 2**20)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d, p=props: p)
         for n in (8192, 32768, 65536, 2**24):
             want = _schedule.default_chunk_size(n, torch.device("cuda"))
             assert roofline.chunk_rows(n, gpu) == want
+            want = _schedule.default_chunk_size(n, torch.device("cuda"), torch.bfloat16)
+            assert roofline.chunk_rows(n, gpu, ds_bytes=2) == want
     h100, h200 = roofline.GPUS["h100-sxm"], roofline.GPUS["h200"]
     assert roofline.chunk_rows(65536, h100) == 5097  # 81559 MiB / 64 of fp32 rows: 2 chunks
     assert roofline.chunk_rows(65536, h200) == 8192  # capped at 2 GiB: one chunk of 8192
+    # With the bf16 dS (6 bytes a row element): 3 chunks of <= 3398 rows, 2 of <= 5461.
+    assert roofline.chunk_rows(65536, h100, ds_bytes=2) == 3398
+    assert roofline.chunk_rows(65536, h200, ds_bytes=2) == 5461
 
 
 def test_variants_only_ever_remove_work_and_the_report_says_predicted():

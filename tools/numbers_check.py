@@ -7,13 +7,15 @@ Every case runs the public `hardneg.fused_hardneg_loss` at fixed seeds on one th
 the bytes of the loss and of every input gradient. Single-process cases: every mode, symmetric or
 not, hard negatives or not, id masking or not, every reduction, fp32 and bf16, a small chunk size.
 Cross-device cases run in a 2-rank gloo world (uneven batches 5 and 9): ring and allgather, the
-ring with and without kept logits, the same option product. Hashes only compare runs of the same
-build on the same machine (the GEMM library's kernels depend on the CPU).
+ring with and without kept logits, the same option product. The "emu-" cases repeat both in bf16
+and fp16 on the low-precision GEMM path CUDA takes (hardneg._gemm.EMULATE_ON_CPU). Hashes only
+compare runs of the same build on the same machine (the GEMM library's kernels depend on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import inspect
 import itertools
@@ -27,10 +29,22 @@ import hardneg
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hardneg import _gemm
 
 D = 24
 M = 2
 SIZES = (5, 9)  # rows per rank in the 2-rank world
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def _emulated():
+    """The CUDA low-precision GEMM path (low-precision operands, fp32 S), run on the CPU."""
+    _gemm.EMULATE_ON_CPU = True
+    try:
+        yield
+    finally:
+        _gemm.EMULATE_ON_CPU = False
 
 
 def _unit(x):
@@ -116,6 +130,14 @@ def single_process_cases() -> dict:
                 opts["chunk_size"] = 3
             name = f"{mode}-{reduction}-sym{int(sym)}-neg{int(neg)}-ids{int(ids)}-{dtype}"
             out[name] = _run(*_inputs(i, 23, neg, ids, dtype), opts)
+        for dtype in LOW_PRECISION:
+            opts = {"mode": mode, "symmetric": sym, "reduction": reduction}
+            if mode == "ega":
+                opts.update(ega_beta=3.0, ega_margin=0.1)
+            opts["chunk_size"] = (3, 7, None)[i % 3]  # None: the default, one chunk here
+            name = f"emu-{mode}-{reduction}-sym{int(sym)}-neg{int(neg)}-ids{int(ids)}-{dtype}"
+            with _emulated():
+                out[name] = _run(*_inputs(200 + i, 23, neg, ids, dtype), opts)
     return out
 
 
@@ -135,6 +157,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             name = f"{strategy}{'' if keep is None else '-keep0'}-{mode}-{reduction}"
             name += f"-sym{int(sym)}-neg{int(neg)}-ids{int(ids)}-rank{rank}"
             out[name] = _run(*mine, opts, group=dist.group.WORLD)
+            for dtype in LOW_PRECISION:
+                low = [x.to(dtype) if x is not None and x.is_floating_point() else x for x in mine]
+                with _emulated():
+                    opts_low = {**opts, "chunk_size": 2 + i % 3}  # chunk boundaries inside blocks
+                    out[f"emu-{name}-{dtype}"] = _run(*low, opts_low, group=dist.group.WORLD)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     dist.barrier()

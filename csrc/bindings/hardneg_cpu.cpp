@@ -26,6 +26,14 @@ PYBIND11_MODULE(_C, m) {
         hardneg::hardneg_exp_cpu(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y), n);
       },
       py::arg("x"), py::arg("y"), py::arg("n"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "hardneg_round",
+      [](uintptr_t x, uintptr_t y, int64_t n, int32_t dtype) {
+        hardneg::hardneg_round_cpu(reinterpret_cast<const float*>(x), reinterpret_cast<void*>(y), n,
+                                   dtype);
+      },
+      py::arg("x"), py::arg("y"), py::arg("n"), py::arg("dtype"),
+      py::call_guard<py::gil_scoped_release>());
 
   // ISA variants (csrc/cpu/cpu_isa.h). std::invalid_argument arrives in Python as ValueError.
   m.def("cpu_isa", &hardneg::cpu_isa);

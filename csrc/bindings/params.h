@@ -21,6 +21,7 @@ inline void bind_params(pybind11::module_& m) {
   py::class_<HardnegLossParams> cls(m, "HardnegLossParams", py::module_local());
   cls.def(py::init<>());
   HARDNEG_PTR_FIELD(cls, float*, s);
+  HARDNEG_PTR_FIELD(cls, void*, ds);
   HARDNEG_PTR_FIELD(cls, const int64_t*, row_ids);
   HARDNEG_PTR_FIELD(cls, const int64_t*, col_ids);
   HARDNEG_PTR_FIELD(cls, float*, lse);
@@ -36,6 +37,10 @@ inline void bind_params(pybind11::module_& m) {
   cls.def_readwrite("rows", &HardnegLossParams::rows)
       .def_readwrite("cols", &HardnegLossParams::cols)
       .def_readwrite("ld_s", &HardnegLossParams::ld_s)
+      .def_readwrite("ld_ds", &HardnegLossParams::ld_ds)
+      .def_property(
+          "ds_dtype", [](const HardnegLossParams& p) { return static_cast<int>(p.ds_dtype); },
+          [](HardnegLossParams& p, int v) { p.ds_dtype = static_cast<DsDtype>(v); })
       .def_readwrite("pos_offset", &HardnegLossParams::pos_offset)
       .def_property(
           "mode", [](const HardnegLossParams& p) { return static_cast<int>(p.mode); },

@@ -189,11 +189,32 @@ const CpuKernels& active_cpu_kernels() {
   return *k;
 }
 
-void hardneg_loss_rows_cpu(const HardnegLossParams& p) { active_cpu_kernels().rows(p); }
+namespace {
+
+void check_ds_dtype(int32_t code) {
+  if (!ds_dtype_valid(code)) {
+    throw std::invalid_argument("hardneg CPU kernels: unknown dS dtype code " +
+                                std::to_string(code));
+  }
+}
+
+}  // namespace
+
+void hardneg_loss_rows_cpu(const HardnegLossParams& p) {
+  check_ds_dtype(static_cast<int32_t>(p.ds_dtype));
+  active_cpu_kernels().rows(p);
+}
 void hardneg_loss_block_update_cpu(const HardnegLossParams& p) {
   active_cpu_kernels().block_update(p);
 }
-void hardneg_loss_block_grad_cpu(const HardnegLossParams& p) { active_cpu_kernels().block_grad(p); }
+void hardneg_loss_block_grad_cpu(const HardnegLossParams& p) {
+  check_ds_dtype(static_cast<int32_t>(p.ds_dtype));
+  active_cpu_kernels().block_grad(p);
+}
 void hardneg_exp_cpu(const float* x, float* y, int64_t n) { active_cpu_kernels().exp(x, y, n); }
+void hardneg_round_cpu(const float* x, void* y, int64_t n, int32_t dtype) {
+  check_ds_dtype(dtype);
+  active_cpu_kernels().round(x, y, n, static_cast<DsDtype>(dtype));
+}
 
 }  // namespace hardneg

@@ -123,6 +123,7 @@ struct CpuKernels {
   void (*block_update)(const HardnegLossParams&);
   void (*block_grad)(const HardnegLossParams&);
   void (*exp)(const float*, float*, int64_t);
+  void (*round)(const float*, void*, int64_t, DsDtype);
 };
 
 // The variant the kernels call. Throws std::runtime_error when no compiled variant runs on this

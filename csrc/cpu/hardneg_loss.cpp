@@ -2,7 +2,8 @@
 // block in at most three sweeps of each row (ega: four, for a second logsumexp, of the amplified
 // logits z + u of its gradient), OpenMP over rows, SIMD over columns. The B x N logits are never
 // materialised: the caller hands row chunks (or column blocks) of S = Q C^T one at a time, and dS
-// overwrites S in place. Time O(rows * cols), extra memory O(1) per row.
+// overwrites S in place (fp32) or goes to a separate bf16 / fp16 / fp32 buffer. Time
+// O(rows * cols), extra memory O(1) per row.
 //
 // Compiled once per ISA variant (cmake/cpu.cmake: HARDNEG_CPU_VARIANT = baseline, avx2, avx512 or
 // arch, with that variant's flags); cpu_isa.cpp picks one at run time. Everything here has internal
@@ -125,11 +126,13 @@ float sum_exp_amplified_range(const RowView& r, const EgaView& e, int64_t lo, in
   return l_u;
 }
 
-// dS_j = scale * Pbar_j for the negatives of [lo, hi), in place: exp(z_j - lse) for infonce and
-// llave, exp(z_j + u_j - lse_u) for ega (lse is then lse_u). scale folds 1/tau.
-template <LossMode kMode, bool kMask>
-void grad_range(float* s, const RowView& r, const EgaView& e, int64_t lo, int64_t hi, float lse,
-                float scale) {
+// dS_j = scale * Pbar_j for the negatives of [lo, hi) into out (the row of S itself, or of a
+// separate dS buffer of kOut): exp(z_j - lse) for infonce and llave, exp(z_j + u_j - lse_u) for ega
+// (lse is then lse_u). scale folds 1/tau.
+template <LossMode kMode, bool kMask, DsDtype kOut>
+void grad_range(typename DsElement<kOut>::Type* out, const RowView& r, const EgaView& e, int64_t lo,
+                int64_t hi, float lse, float scale) {
+  const float* s = r.s;
   const int64_t* ids = r.col_ids;
   const int64_t row_id = r.row_id;
   const float c_neg = r.c_neg;
@@ -145,7 +148,7 @@ void grad_range(float* s, const RowView& r, const EgaView& e, int64_t lo, int64_
     }
     const float g = hardneg_exp(z - lse) * scale;
     const bool masked = kMask && ids[j] == row_id;
-    s[j] = masked ? 0.0f : g;
+    out[j] = hardneg_ds_value<kOut>(masked ? 0.0f : g);
   }
 }
 
@@ -191,22 +194,42 @@ void neg_stats_ega(const RowView& r, const EgaView& e, int64_t cols, int64_t pos
         sum_exp_amplified_range<kMask>(r, e, n.after, cols, m_u);
 }
 
-// dS of row i in place, from the statistics of its gradient's softmax: lse (the negatives' Pbar =
+// dS of row i into out, from the statistics of its gradient's softmax: lse (the negatives' Pbar =
 // exp(z - lse); for ega lse_u, of z + u) and that softmax's row loss L (L_u for ega; the
 // positive's exact expm1(-L) / tau), and s_pos (ega's u).
-template <LossMode kMode, bool kMask>
-void grad_row(const HardnegLossParams& p, int64_t i, float lse, float s_pos, float loss) {
-  float* s = p.s + i * p.ld_s;
-  const RowView r{s, p.col_ids, kMask ? p.row_ids[i] : 0, neg_coefficient(p)};
+template <LossMode kMode, bool kMask, DsDtype kOut>
+void grad_row_to(const HardnegLossParams& p, int64_t i, typename DsElement<kOut>::Type* out,
+                 float lse, float s_pos, float loss) {
+  const RowView r{p.s + i * p.ld_s, p.col_ids, kMask ? p.row_ids[i] : 0, neg_coefficient(p)};
   const EgaView e = ega_view(p, s_pos);
-  const float scale = p.grad_scale * (p.row_scale ? p.row_scale[i] : 1.0f) * p.inv_tau;
+  const float row_factor = p.grad_scale * (p.row_scale ? p.row_scale[i] : 1.0f);
+  const float scale = row_factor * p.inv_tau;
   const int64_t pos = p.pos_offset + i;
   const NegRanges n(p.cols, pos);
-  grad_range<kMode, kMask>(s, r, e, 0, n.split, lse, scale);
-  grad_range<kMode, kMask>(s, r, e, n.after, p.cols, lse, scale);
+  grad_range<kMode, kMask, kOut>(out, r, e, 0, n.split, lse, scale);
+  grad_range<kMode, kMask, kOut>(out, r, e, n.after, p.cols, lse, scale);
   if (pos >= 0 && pos < p.cols) {
-    s[pos] =
-        hardneg_pos_grad(loss, p.inv_tau) * p.grad_scale * (p.row_scale ? p.row_scale[i] : 1.0f);
+    out[pos] = hardneg_ds_value<kOut>(hardneg_pos_grad(loss, p.inv_tau) * row_factor);
+  }
+}
+
+// dS of row i in place of S, or into row i of p.ds in p.ds_dtype (chosen per row, outside the
+// vectorised loops).
+template <LossMode kMode, bool kMask>
+void grad_row(const HardnegLossParams& p, int64_t i, float lse, float s_pos, float loss) {
+  if (p.ds == nullptr) {
+    return grad_row_to<kMode, kMask, DsDtype::kFloat32>(p, i, p.s + i * p.ld_s, lse, s_pos, loss);
+  }
+  switch (p.ds_dtype) {
+    case DsDtype::kFloat32:
+      return grad_row_to<kMode, kMask, DsDtype::kFloat32>(
+          p, i, static_cast<float*>(p.ds) + i * p.ld_ds, lse, s_pos, loss);
+    case DsDtype::kBFloat16:
+      return grad_row_to<kMode, kMask, DsDtype::kBFloat16>(
+          p, i, static_cast<uint16_t*>(p.ds) + i * p.ld_ds, lse, s_pos, loss);
+    case DsDtype::kFloat16:
+      return grad_row_to<kMode, kMask, DsDtype::kFloat16>(
+          p, i, static_cast<uint16_t*>(p.ds) + i * p.ld_ds, lse, s_pos, loss);
   }
 }
 
@@ -310,13 +333,35 @@ void exp_impl(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = hardneg_exp(x[i]);
 }
 
+template <DsDtype kOut>
+void round_loop(const float* x, typename DsElement<kOut>::Type* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = hardneg_ds_value<kOut>(x[i]);
+}
+
+void round_impl(const float* x, void* y, int64_t n, DsDtype dtype) {
+  switch (dtype) {
+    case DsDtype::kFloat32:
+      return round_loop<DsDtype::kFloat32>(x, static_cast<float*>(y), n);
+    case DsDtype::kBFloat16:
+      return round_loop<DsDtype::kBFloat16>(x, static_cast<uint16_t*>(y), n);
+    case DsDtype::kFloat16:
+      return round_loop<DsDtype::kFloat16>(x, static_cast<uint16_t*>(y), n);
+  }
+}
+
 }  // namespace
 
 // This variant's entry points, found by cpu_isa.cpp under hardneg::cpu_<variant>::kCpuKernels.
 extern const CpuKernels kCpuKernels;
 const CpuKernels kCpuKernels = {
-    HARDNEG_CPU_VARIANT_NAME,     kCompiledCpuFeatures,       &dispatch<RowsKernel>,
-    &dispatch<BlockUpdateKernel>, &dispatch<BlockGradKernel>, &exp_impl,
+    HARDNEG_CPU_VARIANT_NAME,
+    kCompiledCpuFeatures,
+    &dispatch<RowsKernel>,
+    &dispatch<BlockUpdateKernel>,
+    &dispatch<BlockGradKernel>,
+    &exp_impl,
+    &round_impl,
 };
 
 }  // namespace HARDNEG_CPU_NS

@@ -29,6 +29,10 @@ void launch(LossKernel kernel, const HardnegLossParams& p) {
     throw std::invalid_argument("hardneg CUDA kernels: unknown loss mode code " +
                                 std::to_string(mode));
   }
+  if (!ds_dtype_valid(static_cast<int32_t>(p.ds_dtype))) {
+    throw std::invalid_argument("hardneg CUDA kernels: unknown dS dtype code " +
+                                std::to_string(static_cast<int32_t>(p.ds_dtype)));
+  }
   const bool mask = p.row_ids != nullptr && p.col_ids != nullptr;
   const bool wide = p.cols > kWarpRowMaxCols;
   const int64_t rows_per_block = kBlockThreads / (wide ? kBlockThreads : kWarpSize);

@@ -1,9 +1,11 @@
 // Fused hard-negative loss on CUDA: logits, false-negative masking, online logsumexp, loss and
 // dL/dS of one similarity block S, one thread group per row (a warp for short rows, a block for
 // long ones), fp32 throughout. The B x N logits are never materialised: the caller's GEMM hands S
-// chunk by chunk (or column block by block) and dS overwrites S in place. Per row: one coalesced
-// read of S for the statistics (ega keeps a second online state, of the amplified z + u, in the
-// same sweep), one read + write for dS; time O(rows * cols), O(1) extra memory.
+// chunk by chunk (or column block by block) and dS overwrites S in place, or goes to a separate
+// buffer in the gradient GEMMs' operand dtype (bf16 / fp16, rounded to nearest even). Per row: one
+// coalesced read of S for the statistics (ega keeps a second online state, of the amplified z + u,
+// in the same sweep), one read + a 4- or 2-byte write for dS; time O(rows * cols), O(1) extra
+// memory.
 //
 // Kernel math only: the entry points are in hardneg_loss_kernels.cu, the launch configuration and
 // the runtime-flag dispatch in hardneg_loss.cpp. Scalar formulas come from hardneg_loss_math.h,
@@ -135,13 +137,16 @@ __device__ __forceinline__ void row_lse_reduce(float (&m)[kStates], float (&l)[k
   }
 }
 
-// dS_ij in place over this thread's columns: Pbar_ij / tau * row_factor for negatives, with
-// Pbar_ij = exp(z_ij - lse) (ega: exp(z_ij + u_ij - lse_u), lse being lse_u), expm1(-L) / tau *
-// row_factor = (Pbar_ip - 1) / tau for the positive (exact on confident rows; L is the gradient
-// softmax's row loss, L_u for ega), 0 where masked (the CPU's grad_row, per column).
-template <LossMode kMode, bool kMask, int kRowThreads>
-__device__ __forceinline__ void thread_grad(const RowRef& r, int tid, const HardnegLossParams& p,
-                                            float row_factor, float lse, float s_pos, float loss) {
+// dS_ij over this thread's columns into out (row i of S itself, or of a separate dS buffer of
+// kOut): Pbar_ij / tau * row_factor for negatives, with Pbar_ij = exp(z_ij - lse) (ega:
+// exp(z_ij + u_ij - lse_u), lse being lse_u), expm1(-L) / tau * row_factor = (Pbar_ip - 1) / tau
+// for the positive (exact on confident rows; L is the gradient softmax's row loss, L_u for ega),
+// 0 where masked (the CPU's grad_row, per column), rounded as hardneg_ds_value<kOut> stores it.
+template <LossMode kMode, bool kMask, int kRowThreads, DsDtype kOut>
+__device__ __forceinline__ void thread_grad_to(const RowRef& r, typename DsElement<kOut>::Type* out,
+                                               int tid, const HardnegLossParams& p,
+                                               float row_factor, float lse, float s_pos,
+                                               float loss) {
   const float neg_scale = row_factor * p.inv_tau;
 #pragma unroll 4
   for (int64_t j = tid; j < r.cols; j += kRowThreads) {
@@ -156,7 +161,28 @@ __device__ __forceinline__ void thread_grad(const RowRef& r, int tid, const Hard
     } else {
       g = expf(sj * r.c_neg - lse) * neg_scale;
     }
-    r.s[j] = g;
+    out[j] = hardneg_ds_value<kOut>(g);
+  }
+}
+
+// dS of row i in place of S, or into row i of p.ds in p.ds_dtype: the choice is uniform across
+// the launch, made once per row outside the loop.
+template <LossMode kMode, bool kMask, int kRowThreads>
+__device__ __forceinline__ void thread_grad(const RowRef& r, int64_t i, int tid,
+                                            const HardnegLossParams& p, float row_factor, float lse,
+                                            float s_pos, float loss) {
+  if (p.ds == nullptr) {
+    thread_grad_to<kMode, kMask, kRowThreads, DsDtype::kFloat32>(r, r.s, tid, p, row_factor, lse,
+                                                                 s_pos, loss);
+  } else if (p.ds_dtype == DsDtype::kBFloat16) {
+    thread_grad_to<kMode, kMask, kRowThreads, DsDtype::kBFloat16>(
+        r, static_cast<uint16_t*>(p.ds) + i * p.ld_ds, tid, p, row_factor, lse, s_pos, loss);
+  } else if (p.ds_dtype == DsDtype::kFloat16) {
+    thread_grad_to<kMode, kMask, kRowThreads, DsDtype::kFloat16>(
+        r, static_cast<uint16_t*>(p.ds) + i * p.ld_ds, tid, p, row_factor, lse, s_pos, loss);
+  } else {
+    thread_grad_to<kMode, kMask, kRowThreads, DsDtype::kFloat32>(
+        r, static_cast<float*>(p.ds) + i * p.ld_ds, tid, p, row_factor, lse, s_pos, loss);
   }
 }
 
@@ -166,7 +192,7 @@ __device__ __forceinline__ float row_grad_factor(const HardnegLossParams& p, int
 }
 
 // Row schedule: every row holds all its candidates, positive included. Writes lse, z_pos, s_pos,
-// loss and, when p.need_grad, dS in place.
+// loss and, when p.need_grad, dS (in place, or into p.ds).
 template <LossMode kMode, bool kMask, int kRowThreads>
 __device__ __forceinline__ void hardneg_loss_rows(HardnegLossParams p) {
   const RowSlot<kRowThreads> slot;
@@ -189,8 +215,8 @@ __device__ __forceinline__ void hardneg_loss_rows(HardnegLossParams p) {
     if (kMode == LossMode::kEga && p.ega_loss != nullptr) p.ega_loss[i] = grad_loss;
   }
   if (p.need_grad) {
-    thread_grad<kMode, kMask, kRowThreads>(r, slot.tid, p, row_grad_factor(p, i), z_pos + grad_loss,
-                                           s_pos, grad_loss);
+    thread_grad<kMode, kMask, kRowThreads>(r, i, slot.tid, p, row_grad_factor(p, i),
+                                           z_pos + grad_loss, s_pos, grad_loss);
   }
 }
 
@@ -233,8 +259,9 @@ __device__ __forceinline__ void hardneg_loss_block_update(HardnegLossParams p) {
   }
 }
 
-// Column-block schedule, backward: dS of the block in place from s_pos and the row loss of the
-// gradient's softmax, L (lse = z_pos + L) or, for ega, ega_loss L_u (lse_u = z_pos + L_u).
+// Column-block schedule, backward: dS of the block (in place, or into p.ds) from s_pos and the row
+// loss of the gradient's softmax, L (lse = z_pos + L) or, for ega, ega_loss L_u (lse_u = z_pos +
+// L_u).
 template <LossMode kMode, bool kMask, int kRowThreads>
 __device__ __forceinline__ void hardneg_loss_block_grad(HardnegLossParams p) {
   const RowSlot<kRowThreads> slot;
@@ -244,7 +271,8 @@ __device__ __forceinline__ void hardneg_loss_block_grad(HardnegLossParams p) {
   const float s_pos = p.s_pos[i];
   const float loss = kMode == LossMode::kEga ? p.ega_loss[i] : p.loss[i];
   const float lse = hardneg_logit(s_pos, true, kMode, p.inv_tau, p.alpha) + loss;
-  thread_grad<kMode, kMask, kRowThreads>(r, slot.tid, p, row_grad_factor(p, i), lse, s_pos, loss);
+  thread_grad<kMode, kMask, kRowThreads>(r, i, slot.tid, p, row_grad_factor(p, i), lse, s_pos,
+                                         loss);
 }
 
 }  // namespace cuda

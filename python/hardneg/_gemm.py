@@ -13,9 +13,12 @@ nothing to the low-precision operands, and it is never rounded below fp32 (at ta
 would move logits by ~0.2). The gradient GEMMs dQ = dS C and dC = dS^T Q take dS rounded to the
 input dtype: its relative error 2^-9 (bf16) per element is what plain torch's bf16 backward pays
 on every element too, and the accumulation stays fp32 (tests hold the result to at most twice
-plain torch's own error in that dtype). Accumulating into fp32 uses addmm with out_dtype where
-this torch's CUDA build accepts an fp32 accumulator with low-precision factors (probed once per
-device), else an fp32 product added in place.
+plain torch's own error in that dtype). The loss kernels write that operand themselves
+(`grad_dtype`): the fp32 gradient, rounded to nearest even (the bits of torch's .to()), goes
+straight into a separate buffer of the operand dtype, so no pass over an fp32 dS casts it.
+Accumulating into fp32 uses addmm with out_dtype where this torch's CUDA build accepts an fp32
+accumulator with low-precision factors (probed once per device), else an fp32 product added in
+place.
 
 `EMULATE_ON_CPU` turns the low-precision path on for CPU tensors with fp32 arithmetic on the
 upcast operands, which is exactly what a bf16 x bf16 -> fp32 GEMM computes (up to summation
@@ -31,6 +34,8 @@ from torch import Tensor
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 EMULATE_ON_CPU = False
+# The kernels' dS dtype codes (csrc/include/hardneg/hardneg_loss.h, DsDtype).
+DS_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def low_precision_operands(dtype: torch.dtype, device: torch.device) -> bool:
@@ -47,11 +52,11 @@ def operand(x: Tensor) -> Tensor:
     return x.float().contiguous()
 
 
-def grad_operand(ds: Tensor, like: Tensor) -> Tensor:
-    """dS (fp32) as the left factor of the gradient GEMMs with operand `like`: rounded once to a
-    low-precision operand's dtype (both gradient GEMMs then read the 2-byte copy, instead of each
-    converting the fp32 dS on its own), or dS itself."""
-    return ds if like.dtype == torch.float32 else ds.to(like.dtype)
+def grad_dtype(like: Tensor) -> torch.dtype | None:
+    """The dtype the kernels write dS in for gradient GEMMs with operand `like`, into a buffer of
+    its own: the operand's when it is low precision (both gradient GEMMs read the 2-byte dS the
+    kernel wrote), else None: dS overwrites the fp32 S in place."""
+    return like.dtype if like.dtype in LOW_PRECISION else None
 
 
 def mm(a: Tensor, b: Tensor, out: Tensor) -> None:

@@ -72,7 +72,6 @@ def _compute(
         target_ids,
         ids_N,
         spec,
-        _schedule.chunk_rows(spec, N, query.device),
         loss_B,
         grad_scale,
         row_scale_B,
@@ -89,7 +88,6 @@ def _compute(
             target_ids,
             target_ids,
             spec,
-            _schedule.chunk_rows(spec, B, query.device),
             loss_t_B,
             grad_scale,
             row_scale_B,
@@ -286,8 +284,9 @@ def fused_hardneg_loss(
       direction ranks the queries for each in-batch target (hard negatives take no part).
 
     reduction: "mean" (over queries), "sum", or "none" (shape (B,), per-index mean of both
-    directions when symmetric). chunk_size: rows of S per chunk (default: 32 MiB of fp32 on CPU,
-    1/64 of the GPU's memory up to 2 GiB on CUDA: hardneg._schedule.chunk_bytes).
+    directions when symmetric). chunk_size: rows of S per chunk (default: 32 MiB on CPU, 1/64 of
+    the GPU's memory up to 2 GiB on CUDA, of fp32 S plus, with bf16 / fp16 GEMM operands, the
+    chunk's dS in that dtype: hardneg._schedule.chunk_bytes).
     check_finite: scan the inputs for NaN/Inf (FloatingPointError); False skips the scan. On CPU
     the error is raised at once; on CUDA the scan queues without a host synchronisation and its
     verdict raises at a later hardneg call or at hardneg.raise_if_nonfinite() (hardneg._finite).

@@ -37,6 +37,11 @@ struct float2 {
   float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+inline unsigned __float_as_uint(float x) {
+  unsigned u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
 
 inline thread_local dim3 threadIdx;
 inline thread_local dim3 blockIdx;

@@ -7,8 +7,9 @@ nccl_comm.cpp, against an emulated CUDA driver and NCCL (emu_driver.cpp, emu_ncc
 program prints "N passed, M failed" and exits non-zero on a failure.
 
 Each runs plainly, under AddressSanitizer + UBSan and under ThreadSanitizer; a positive control
-shows ThreadSanitizer reports the race that a dropped __syncthreads leaves in the kernels. Skipped,
-with the reason, only when no C++ compiler exists.
+shows ThreadSanitizer reports the race that a dropped __syncthreads leaves in the kernels. The
+kernels' bf16 / fp16 dS output is held against torch's .to() of their fp32 dS, bit for bit.
+Skipped, with the reason, only when no C++ compiler exists.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -129,8 +131,8 @@ def _link(variant: str, program: str, drop_barrier: bool = False) -> Path:
     return exe
 
 
-def _run(exe: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, **SANITIZER_ENV}
+def _run(exe: Path, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **SANITIZER_ENV, **env_extra}
     return subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -146,8 +148,43 @@ def _assert_clean(done: subprocess.CompletedProcess, expect_at_least: int) -> No
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_kernels_match_the_fp64_reference(variant):
-    """Every kernel instance, on awkward shapes, in every mode, both schedules (153 checks)."""
-    _assert_clean(_run(_link(variant, "kernels")), expect_at_least=150)
+    """Every kernel instance, on awkward shapes, in every mode, both schedules, dS in place and
+    apart from S in bf16 / fp16 / fp32 (531 checks)."""
+    _assert_clean(_run(_link(variant, "kernels")), expect_at_least=530)
+
+
+def _read(path: Path, dtype: torch.dtype) -> torch.Tensor:
+    return torch.frombuffer(bytearray(path.read_bytes()), dtype=dtype)
+
+
+def _differ(got: torch.Tensor, want: torch.Tensor) -> int:
+    return int((got.view(torch.int16) != want.view(torch.int16)).sum())
+
+
+def test_low_precision_ds_is_torchs_cast_of_the_fp32_ds(tmp_path):
+    """The rows and block-grad kernels' bf16 / fp16 dS output, over every case of
+    test_kernels.cpp, is bit for bit torch's .to() of the fp32 dS the same kernels write in place
+    (which the harness holds to the fp64 reference). Truncating instead of rounding is caught."""
+    _assert_clean(_run(_link("plain", "kernels"), HARDNEG_EMU_DUMP=str(tmp_path)), 530)
+    pairs = {torch.bfloat16: 0, torch.float16: 0}
+    values = truncated_differ = 0
+    for f32 in sorted(tmp_path.glob("*.f32")):
+        ds = _read(f32, torch.float32)
+        assert torch.isfinite(ds).all()
+        for dtype, suffix in ((torch.bfloat16, ".bf16"), (torch.float16, ".fp16")):
+            out = f32.with_suffix(suffix)
+            if not out.exists():
+                continue
+            got = _read(out, dtype)
+            assert _differ(got, ds.to(dtype)) == 0, f"{out.name} differs from torch's cast"
+            pairs[dtype] += 1
+            values += ds.numel()
+            if dtype == torch.bfloat16:  # the comparison can fail: truncation is caught
+                truncated = (ds.view(torch.int32) >> 16).to(torch.int16).view(dtype)
+                truncated_differ += _differ(got, truncated)
+    # 63 cases x (rows, blocks) per dtype.
+    assert pairs == {torch.bfloat16: 126, torch.float16: 126}, pairs
+    assert truncated_differ > values // 20, (truncated_differ, values)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -105,6 +105,12 @@ void launch_geometry() {
   p.mode = static_cast<hardneg::LossMode>(5);
   report(throws_invalid([&] { hardneg::hardneg_loss_rows_cuda(p); }, "unknown loss mode code 5"),
          "an unknown mode is refused");
+  p.mode = hardneg::LossMode::kInfoNCE;
+  p.ds_dtype = static_cast<hardneg::DsDtype>(3);
+  report(
+      throws_invalid([&] { hardneg::hardneg_loss_block_grad_cuda(p); }, "unknown dS dtype code 3"),
+      "an unknown dS dtype is refused");
+  p.ds_dtype = hardneg::DsDtype::kFloat32;
   emu::clear_device_memory();
   p.mode = hardneg::LossMode::kInfoNCE;
   report(throws_invalid([&] { hardneg::hardneg_loss_rows_cuda(p); }, "need device memory"),

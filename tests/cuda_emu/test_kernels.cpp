@@ -13,8 +13,15 @@
 // |dS| (at tau = 0.02 P's relative error is ~60 ulp of fp32 = 4e-6, x 25 headroom). A 0.1 % change
 // of tau moves the loss by ~1e-3 and fails both, and a 1 % change of ega's beta fails dS: the
 // perturbation checks below.
+//
+// dS written apart from S (p.ds, bf16 / fp16 / fp32, a row stride 3 wider than the row): bit for
+// bit the in-place fp32 dS of the same schedule rounded by hardneg_ds_value, with S and the
+// padding untouched. With HARDNEG_EMU_DUMP=<dir> each such pair is also written there, so
+// test_cuda_emu.py can hold the bf16 / fp16 output against torch's .to() of the fp32 one.
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -41,11 +48,33 @@ void check(bool ok, const std::string& what) {
 using ref::Case;
 using ref::Result;
 
-// Row schedule through hardneg_loss_rows_cuda; S is overwritten with dS.
-Result run_rows(const Case& c) {
+constexpr uint8_t kUnwritten = 0xA5;  // the fill of a dS output's bytes before a run
+
+// A dS output apart from S: rows x ld elements of `dtype`, ld = cols + 3 (padding that must stay
+// unwritten), and whether the run left S as it was.
+struct DsOut {
+  hardneg::DsDtype dtype;
+  int64_t ld;
+  std::vector<uint8_t> bytes;
+  bool s_untouched = false;
+  DsOut(const Case& c, hardneg::DsDtype d)
+      : dtype(d), ld(c.cols + 3), bytes(static_cast<size_t>(c.rows * ld) * elem(), kUnwritten) {}
+  size_t elem() const { return dtype == hardneg::DsDtype::kFloat32 ? 4 : 2; }
+};
+
+void set_ds(hardneg::HardnegLossParams& p, DsOut* ds) {
+  if (ds == nullptr) return;
+  p.ds = ds->bytes.data();
+  p.ld_ds = ds->ld;
+  p.ds_dtype = ds->dtype;
+}
+
+// Row schedule through hardneg_loss_rows_cuda; S is overwritten with dS, or dS goes to ds.
+Result run_rows(const Case& c, DsOut* ds = nullptr) {
   std::vector<float> s = c.s;
   Result out(c.rows, c.cols);
   hardneg::HardnegLossParams p = ref::params_for(c);
+  set_ds(p, ds);
   p.s = s.data();
   p.lse = out.lse.data();
   p.loss = out.loss.data();
@@ -57,6 +86,7 @@ Result run_rows(const Case& c) {
   hardneg::hardneg_loss_rows_cuda(p);
   emu::clear_device_memory();
   out.take_grad(s, c);
+  if (ds) ds->s_untouched = std::memcmp(s.data(), c.s.data(), s.size() * sizeof(float)) == 0;
   return out;
 }
 
@@ -64,7 +94,7 @@ Result run_rows(const Case& c) {
 // with its own block, at the block holding every row's positive (ega's u needs s_pos first); the
 // loss (and ega's L_u) from z_pos and the negatives' running (max, sum) as the ring finishes it
 // (hardneg_row_loss); then grad block by block from s_pos and the gradient softmax's row loss.
-Result run_blocks(const Case& c, const std::vector<int64_t>& widths) {
+Result run_blocks(const Case& c, const std::vector<int64_t>& widths, DsOut* ds = nullptr) {
   std::vector<float> s = c.s;
   Result out(c.rows, c.cols);
   std::vector<float> run_max(c.rows, -INFINITY), run_sum(c.rows, 0.0f);
@@ -94,6 +124,10 @@ Result run_blocks(const Case& c, const std::vector<int64_t>& widths) {
       p.run_max = run_max.data();
       p.run_sum = run_sum.data();
       p.loss = out.loss.data();
+      if (ds) {
+        set_ds(p, ds);
+        p.ds = ds->bytes.data() + starts[b] * ds->elem();
+      }
       if (c.mode == 2) {
         p.run_max_u = run_max_u.data();
         p.run_sum_u = run_sum_u.data();
@@ -117,7 +151,64 @@ Result run_blocks(const Case& c, const std::vector<int64_t>& widths) {
   }
   emu::clear_device_memory();
   out.take_grad(s, c);
+  if (ds) ds->s_untouched = std::memcmp(s.data(), c.s.data(), s.size() * sizeof(float)) == 0;
   return out;
+}
+
+// The bytes hardneg_ds_value stores for g in a dS output of `dtype`.
+void stored_bytes(float g, hardneg::DsDtype dtype, uint8_t* out) {
+  if (dtype == hardneg::DsDtype::kBFloat16) {
+    const uint16_t h = hardneg::hardneg_round_bf16(g);
+    std::memcpy(out, &h, sizeof h);
+  } else if (dtype == hardneg::DsDtype::kFloat16) {
+    const uint16_t h = hardneg::hardneg_round_fp16(g);
+    std::memcpy(out, &h, sizeof h);
+  } else {
+    std::memcpy(out, &g, sizeof g);
+  }
+}
+
+// Writes the fp32 dS and the dS output, both unpadded, for test_cuda_emu.py (HARDNEG_EMU_DUMP).
+void dump(const Case& c, const Result& in_place, const DsOut& ds) {
+  static int count = 0;
+  const char* dir = std::getenv("HARDNEG_EMU_DUMP");
+  if (dir == nullptr || ds.dtype == hardneg::DsDtype::kFloat32) return;
+  const std::string stem = std::string(dir) + "/" + std::to_string(count++);
+  FILE* f = std::fopen((stem + ".f32").c_str(), "wb");
+  std::fwrite(in_place.grad.data(), sizeof(float), in_place.grad.size(), f);
+  std::fclose(f);
+  f = std::fopen((stem + (ds.dtype == hardneg::DsDtype::kBFloat16 ? ".bf16" : ".fp16")).c_str(),
+                 "wb");
+  for (int64_t i = 0; i < c.rows; ++i) {
+    std::fwrite(ds.bytes.data() + i * ds.ld * ds.elem(), ds.elem(), c.cols, f);
+  }
+  std::fclose(f);
+}
+
+// A dS output matches the in-place fp32 dS of the same schedule bit for bit once rounded, and the
+// run wrote nothing else (S and the output's padding as they were).
+void compare_ds(const Case& c, const Result& in_place, const DsOut& ds, const std::string& name) {
+  int64_t wrong = 0, padding = 0;
+  uint8_t want[4];
+  for (int64_t i = 0; i < c.rows; ++i) {
+    for (int64_t j = 0; j < ds.ld; ++j) {
+      const uint8_t* got = ds.bytes.data() + (i * ds.ld + j) * ds.elem();
+      if (j >= c.cols) {
+        for (size_t b = 0; b < ds.elem(); ++b) padding += got[b] != kUnwritten;
+        continue;
+      }
+      stored_bytes(in_place.grad[i * c.cols + j], ds.dtype, want);
+      wrong += std::memcmp(got, want, ds.elem()) != 0;
+    }
+  }
+  const bool ok = wrong == 0 && padding == 0 && ds.s_untouched;
+  if (!ok) {
+    std::printf("  %s: %lld values differ, %lld padding bytes written, S untouched %d\n",
+                name.c_str(), static_cast<long long>(wrong), static_cast<long long>(padding),
+                ds.s_untouched);
+  }
+  check(ok, name);
+  dump(c, in_place, ds);
 }
 
 // True when `got` matches `want` within the tolerances of the file header; prints the errors.
@@ -165,6 +256,8 @@ void compare(const Case& c, const Result& got, const ref::Exact& want, const std
   check(matches(c, got, want, name), name);
 }
 
+const char* const kDsNames[] = {"fp32", "bf16", "fp16"};
+
 std::vector<int64_t> split3(int64_t cols) {
   const int64_t a = cols / 3, b = (cols - a) / 2;
   return {a, b, cols - a - b};  // may hold a 0-wide block: a no-op launch
@@ -186,8 +279,19 @@ void kernel_cases() {
         std::snprintf(name, sizeof name, "%s masking=%d rows=%lld cols=%lld ld=%lld", modes[mode],
                       masking, static_cast<long long>(rows), static_cast<long long>(cols),
                       static_cast<long long>(c.ld));
-        compare(c, run_rows(c), want, std::string("rows ") + name);
-        compare(c, run_blocks(c, split3(cols)), want, std::string("blocks ") + name);
+        const Result rows_fp32 = run_rows(c);
+        const Result blocks_fp32 = run_blocks(c, split3(cols));
+        compare(c, rows_fp32, want, std::string("rows ") + name);
+        compare(c, blocks_fp32, want, std::string("blocks ") + name);
+        for (const auto dtype : {hardneg::DsDtype::kBFloat16, hardneg::DsDtype::kFloat16,
+                                 hardneg::DsDtype::kFloat32}) {
+          const std::string tag = std::string(" dS ") + kDsNames[static_cast<int>(dtype)] + " ";
+          DsOut ds_rows(c, dtype), ds_blocks(c, dtype);
+          run_rows(c, &ds_rows);
+          compare_ds(c, rows_fp32, ds_rows, "rows" + tag + name);
+          run_blocks(c, split3(cols), &ds_blocks);
+          compare_ds(c, blocks_fp32, ds_blocks, "blocks" + tag + name);
+        }
         if (cols == 3000) {  // a narrow block and a wide one in one schedule
           compare(c, run_blocks(c, {40, 1960, 1000}), want,
                   std::string("blocks 40/1960/1000 ") + name);

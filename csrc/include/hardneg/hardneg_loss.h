@@ -12,12 +12,26 @@ namespace hardneg {
 // Codes match hardneg._constants.MODES order.
 enum class LossMode : int32_t { kInfoNCE = 0, kLlave = 1, kEga = 2 };
 
+// Element type of a separate dS output. Codes match hardneg._gemm.DS_DTYPE_CODES.
+enum class DsDtype : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+constexpr bool ds_dtype_valid(int32_t code) { return code >= 0 && code <= 2; }
+
 struct HardnegLossParams {
-  // Similarity block, row-major with row stride ld_s; overwritten with dL/dS by grad kernels.
+  // Similarity block, row-major with row stride ld_s; overwritten with dL/dS by the grad kernels
+  // when ds is null.
   float* s = nullptr;
   int64_t rows = 0;
   int64_t cols = 0;
   int64_t ld_s = 0;
+
+  // Separate dL/dS output of the grad kernels (rows x cols, row stride ld_ds elements of
+  // ds_dtype); S is then only read. bf16 / fp16 values are rounded to nearest even from the fp32
+  // gradient (hardneg_round_bf16 / _fp16, hardneg_loss_math.h): the low-precision operand of the
+  // gradient GEMMs, written by the kernel instead of by a cast pass over an fp32 dS.
+  void* ds = nullptr;
+  int64_t ld_ds = 0;
+  DsDtype ds_dtype = DsDtype::kFloat32;
 
   // Positive of row i is column pos_offset + i of this block (it may lie outside [0, cols)).
   int64_t pos_offset = 0;
@@ -59,7 +73,7 @@ struct HardnegLossParams {
   float* run_sum_u = nullptr;
 
   // Gradient scale: dS_ij = grad_scale * row_scale[i] * (Pbar_ij - Y_ij) / tau; row_scale may be
-  // null (1). need_grad asks the row kernel to write dS in place after the loss.
+  // null (1). need_grad asks the row kernel to write dS (in place, or to ds) after the loss.
   float grad_scale = 1.0f;
   const float* row_scale = nullptr;
   bool need_grad = false;

@@ -156,4 +156,76 @@ HN_HD void hardneg_lse_push(float& m, float& l, float z) {
   }
 }
 
+// The bits of an fp32 value (the device's reinterpretation intrinsic; memcpy on the host).
+HN_HD uint32_t hardneg_float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+
+// fp32 -> bf16 and fp32 -> fp16 bits, rounded to nearest, ties to even: the bits of torch's
+// .to(torch.bfloat16) / .to(torch.float16) for every non-NaN fp32 value, subnormals kept (no
+// flush), overflow to +-inf (fp16 from 65520 on: the tie above 65504 rounds to the even, inf). A
+// NaN stays a quiet NaN of its sign with its top payload bits, as the hardware conversions keep it
+// (torch's own NaN bits differ between its scalar and vector code, so only NaN-ness is promised).
+// Integer arithmetic and selects, one formula for the CPU loops (which it leaves vectorisable) and
+// the CUDA kernels. tests/test_kernel_math.py holds both against torch.
+HN_HD uint16_t hardneg_round_bf16(float x) {
+  const uint32_t u = hardneg_float_bits(x);
+  // Adding 0x7fff plus the kept part's lowest bit carries into the kept 16 bits exactly when the
+  // dropped 16 are above half, or at half with an odd kept part; a carry out of the mantissa
+  // steps the exponent (up to inf) as it should.
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+HN_HD uint16_t hardneg_round_fp16(float x) {
+  const uint32_t u = hardneg_float_bits(x);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  // |x| >= 2^-14 (fp16 normals): rebias the exponent (127 -> 15, i.e. minus 112 << 23), then
+  // round away the 13 low mantissa bits as hardneg_round_bf16 does its 16. Only used when a >=
+  // 0x38800000, so the subtraction never wraps where it matters.
+  const uint32_t n = a - 0x38000000u;
+  const uint32_t normal = (n + 0xfffu + ((n >> 13) & 1u)) >> 13;
+  // |x| < 2^-14 (fp16 subnormals, units of 2^-24): the significand with its implicit bit, m =
+  // mant * 2^(e - 126), shifted right by 126 - e and rounded the same way. The shift is capped at
+  // 31 (|x| < 2^-32, fp32 subnormals included, all round to 0: mant < 2^24 stays below half).
+  const uint32_t e = a >> 23;
+  const uint32_t shift = e > 112u ? 14u : (e < 95u ? 31u : 126u - e);
+  const uint32_t mant = (a & 0x7fffffu) | 0x800000u;
+  const uint32_t subnormal = (mant + ((1u << (shift - 1u)) - 1u) + ((mant >> shift) & 1u)) >> shift;
+  uint32_t h = a >= 0x38800000u ? normal : subnormal;  // a carry to 0x400 is the smallest normal
+  h = a >= 0x477ff000u ? 0x7c00u : h;                  // 65520 and up, inf included: inf
+  h = a > 0x7f800000u ? 0x7e00u | ((a >> 13) & 0x3ffu) : h;  // NaN
+  return static_cast<uint16_t>(sign | h);
+}
+
+// A dS output's element type (DsDtype): fp32 as is, bf16 / fp16 as their bits.
+template <DsDtype kDtype>
+struct DsElement {
+  using Type = uint16_t;
+};
+template <>
+struct DsElement<DsDtype::kFloat32> {
+  using Type = float;
+};
+
+// The value stored for the fp32 gradient g in a dS output of kDtype.
+template <DsDtype kDtype>
+HN_HD typename DsElement<kDtype>::Type hardneg_ds_value(float g) {
+  if constexpr (kDtype == DsDtype::kBFloat16) {
+    return hardneg_round_bf16(g);
+  } else if constexpr (kDtype == DsDtype::kFloat16) {
+    return hardneg_round_fp16(g);
+  } else {
+    return g;
+  }
+}
+
 }  // namespace hardneg

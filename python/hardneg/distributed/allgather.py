@@ -63,9 +63,8 @@ def allgather_compute(
     dq_BD = torch.zeros_like(q_BD, dtype=torch.float32) if need_grad else None
     dc_ND = torch.zeros_like(c_ND, dtype=torch.float32) if need_grad else None
     loss_B = torch.empty(B, dtype=torch.float32, device=query.device)
-    chunk = _schedule.chunk_rows(spec, c_ND.shape[0], query.device)
     _schedule.row_pass(
-        q_BD, c_ND, target_ids, ids_N, spec, chunk, loss_B, grad_scale, row_scale_B, dq_BD, dc_ND
+        q_BD, c_ND, target_ids, ids_N, spec, loss_B, grad_scale, row_scale_B, dq_BD, dc_ND
     )
     if spec.symmetric:
         # t->q: local targets against every rank's queries (the block's last B_k rows).
@@ -79,14 +78,12 @@ def allgather_compute(
         dt_BD = torch.zeros_like(t_BD, dtype=torch.float32) if need_grad else None
         dqc_BD = torch.zeros_like(qc_BD, dtype=torch.float32) if need_grad else None
         loss_t_B = torch.empty_like(loss_B)
-        chunk = _schedule.chunk_rows(spec, qc_BD.shape[0], query.device)
         _schedule.row_pass(
             t_BD,
             qc_BD,
             target_ids,
             qids_B,
             spec,
-            chunk,
             loss_t_B,
             grad_scale,
             row_scale_B,

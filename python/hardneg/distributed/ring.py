@@ -13,8 +13,9 @@ after the full circle (a reduce-scatter done by the ring).
     finish:            L_i = row_loss(z_pos_i, m_i, l_i)  (no cancellation on confident rows);
                        ega: L_u_i = row_loss(z_pos_i, m_u_i, l_u_i), the gradient softmax's
     backward, block c: S_c kept (within keep_logits_bytes) or recomputed;
-                       grad(S_c, L or L_u, s_pos) -> dS_c in place ; dQ += dS_c . C_c ;
-                       dC_c = dS_c^T . Q
+                       grad(S_c, L or L_u, s_pos) -> dS_c (in place; for bf16 / fp16 operands
+                       into a buffer of their dtype, hardneg._gemm.grad_dtype) ;
+                       dQ += dS_c . C_c ; dC_c = dS_c^T . Q
 
 How ega knows s_ip before it sweeps a block (u_ij = beta * max(0, s_ij - s_ip + margin)): step 0
 holds this rank's own block [T_r; H_r; Q_r], and the positive of every local row lies there in
@@ -134,21 +135,27 @@ class _RingBuffers:
 @dataclass(frozen=True)
 class _RingState:
     """What both rings start from: the directions, the double buffers with this rank's own block
-    in slot 0, the keep plan and a scratch chunk of S."""
+    in slot 0, the keep plan, a scratch chunk of S and, in the backward ring with low-precision
+    operands, one of dS in their dtype (the kernel writes it; the gradient GEMMs read it)."""
 
     directions: list[_Direction]
     buffers: _RingBuffers
     plan: list[list[int]]  # keep_plan's [step][direction] offsets
     kept_floats: int
     s_buf: Tensor  # fp32, (R * max_block_rows,)
+    ds_buf: Tensor | None  # ds_dtype, (R * max_block_rows,); None: dS in place of S
+    ds_dtype: torch.dtype | None
 
 
-def _ring_start(inputs, layout: Layout, spec: LossSpec, keep_bytes: int) -> _RingState:
+def _ring_start(
+    inputs, layout: Layout, spec: LossSpec, keep_bytes: int, need_grad: bool = False
+) -> _RingState:
     query, target, hard_negatives, target_ids, hard_negative_ids = inputs
     B, D = query.shape
     directions = [_Direction(_gemm.operand(query), "q->t")]
     if spec.symmetric:
         directions.append(_Direction(_gemm.operand(target), "t->q"))
+    ds_dtype = _gemm.grad_dtype(directions[0].rows_BD) if need_grad else None
     own_emb, own_ids = own_block(*inputs, spec.symmetric)
     buffers = _RingBuffers(layout, D, query.dtype, query.device, own_ids is not None)
     emb, ids = buffers.block(0, layout.rank)
@@ -157,13 +164,18 @@ def _ring_start(inputs, layout: Layout, spec: LossSpec, keep_bytes: int) -> _Rin
         ids.copy_(own_ids)
     plan, kept_floats = keep_plan(layout, len(directions), keep_bytes)
     cols = layout.max_block_rows
-    R = min(B, _schedule.chunk_rows(spec, cols, query.device))
+    R = min(B, _schedule.chunk_rows(spec, cols, query.device, ds_dtype))
     s_buf = torch.empty(R * cols, dtype=torch.float32, device=query.device)
-    return _RingState(directions, buffers, plan, kept_floats, s_buf)
+    ds_buf = None
+    if ds_dtype is not None:
+        ds_buf = torch.empty(R * cols, dtype=ds_dtype, device=query.device)
+    return _RingState(directions, buffers, plan, kept_floats, s_buf, ds_buf, ds_dtype)
 
 
-def _block_chunks(B: int, cols: int, spec: LossSpec, device) -> Iterator[tuple[int, int]]:
-    R = min(B, _schedule.chunk_rows(spec, cols, device))
+def _block_chunks(
+    B: int, cols: int, spec: LossSpec, device, ds_dtype: torch.dtype | None
+) -> Iterator[tuple[int, int]]:
+    R = min(B, _schedule.chunk_rows(spec, cols, device, ds_dtype))
     for r0 in range(0, B, R):
         yield r0, min(B, r0 + R)
 
@@ -184,7 +196,7 @@ def _ring_chunks(state: _RingState, layout: Layout, step: int, params, target_id
         params.cols = cols
         params.ld_s = cols
         params.col_ids = col_ids.data_ptr() if col_ids is not None else 0
-        for r0, r1 in _block_chunks(B, cols, spec, c_XD.device):
+        for r0, r1 in _block_chunks(B, cols, spec, c_XD.device, state.ds_dtype):
             params.rows = r1 - r0
             # The positive of local row i is column i of this rank's own block; elsewhere
             # pos_offset = -(rows) puts every row's positive before column 0, i.e. absent.
@@ -262,7 +274,7 @@ def ring_backward(
     device = query.device
     B, D = query.shape
     K, r = layout.world_size, layout.rank
-    state = _ring_start(inputs, layout, spec, keep_bytes)
+    state = _ring_start(inputs, layout, spec, keep_bytes, need_grad=True)
     rows = layout.max_block_rows
     # Partial candidate gradients: computed into acc[s % 2] while acc[(s - 1) % 2] travels on
     # and the partial of this step's block arrives in `incoming`.
@@ -272,6 +284,8 @@ def ring_backward(
     row_scale_B = _schedule.row_scale(grad_loss, B, spec.reduction)
     grad_scale = _schedule.grad_scale_of(spec, layout.total_batch)
     params = _schedule.kernel_params(device, spec, True, grad_scale)
+    if state.ds_dtype is not None:
+        params.ds_dtype = _gemm.DS_DTYPE_CODES[state.ds_dtype]
     kernels = _ops.kernels_for(device)
 
     nxt, prv = (r + 1) % K, (r - 1) % K
@@ -297,13 +311,18 @@ def ring_backward(
             else:
                 _gemm.mm(direction.rows_BD[r0:r1], c_XD[c0:c1].T, out=s_RC)  # (R, D) x (D, C)
             params.s = s_RC.data_ptr()
+            # dS: in place of S, or the operand-dtype buffer the kernel writes.
+            ds_RC = s_RC
+            if state.ds_buf is not None:
+                ds_RC = state.ds_buf[: R * C].view(R, C)
+                params.ds = ds_RC.data_ptr()
+                params.ld_ds = C
             params.loss = saved[d, 0, r0:].data_ptr()
             params.s_pos = saved[d, 1, r0:].data_ptr()
             params.ega_loss = saved[d, 2, r0:].data_ptr()  # read by ega only
             if row_scale_B is not None:
                 params.row_scale = row_scale_B[r0:].data_ptr()
-            kernels.hardneg_loss_block_grad(params)  # s_RC <- dL/dS
-            ds_RC = _gemm.grad_operand(s_RC, c_XD)
+            kernels.hardneg_loss_block_grad(params)  # ds_RC <- dL/dS
             _gemm.addmm_(d_rows[d][r0:r1], ds_RC, c_XD[c0:c1])  # (R, C) x (C, D) -> (R, D)
             _gemm.addmm_(g_XD[c0:c1], ds_RC.T, direction.rows_BD[r0:r1])  # (C, R) x (R, D)
         handle.wait()
