@@ -17,3 +17,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch / OpenMP thread (test modules opt in with pytestmark). The CI machines are small
+    and shared: with two threads, OpenMP's spin-waiting under contention multiplies the CPU time
+    of the kernel-heavy files. Tests that need the kernel's multi-threaded row split ask for more
+    threads themselves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -36,15 +36,9 @@ MODES = ("infonce", "llave", "ega")
 REDUCTIONS = ("mean", "sum", "none")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch / OpenMP thread by default. The CI machines are small and shared: with two
-    threads, OpenMP's spin-waiting under contention quadruples the CPU time of this file. The
-    kernel's multi-threaded row split runs in the tests that ask for two_threads (B = 1500)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread (tests/conftest.py); the kernel's multi-threaded row split runs in the tests that ask
+# for two_threads (B = 1500).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -24,12 +24,8 @@ from benchmarks.torch_chunked import torch_chunked_hardneg_loss
 MODES = ("infonce", "llave", "ega")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread (tests/conftest.py); the kernel's multi-threaded row split runs where a test asks.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # B = 1 (its only candidates are its own), B = 7 in chunks of 3, 3 and 1 rows, B = 257 in 16 full

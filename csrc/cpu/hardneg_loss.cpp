@@ -152,10 +152,6 @@ void grad_range(typename DsElement<kOut>::Type* out, const RowView& r, const Ega
   }
 }
 
-float neg_coefficient(const HardnegLossParams& p) {
-  return p.mode == LossMode::kLlave ? p.inv_tau + p.alpha : p.inv_tau;
-}
-
 bool has_mask(const HardnegLossParams& p) { return p.row_ids != nullptr && p.col_ids != nullptr; }
 
 // The negatives of a row of `cols` columns whose positive is column pos (possibly outside the
@@ -200,7 +196,8 @@ void neg_stats_ega(const RowView& r, const EgaView& e, int64_t cols, int64_t pos
 template <LossMode kMode, bool kMask, DsDtype kOut>
 void grad_row_to(const HardnegLossParams& p, int64_t i, typename DsElement<kOut>::Type* out,
                  float lse, float s_pos, float loss) {
-  const RowView r{p.s + i * p.ld_s, p.col_ids, kMask ? p.row_ids[i] : 0, neg_coefficient(p)};
+  const RowView r{p.s + i * p.ld_s, p.col_ids, kMask ? p.row_ids[i] : 0,
+                  hardneg_neg_coefficient(kMode, p.inv_tau, p.alpha)};
   const EgaView e = ega_view(p, s_pos);
   const float row_factor = p.grad_scale * (p.row_scale ? p.row_scale[i] : 1.0f);
   const float scale = row_factor * p.inv_tau;
@@ -238,7 +235,8 @@ void rows_impl(const HardnegLossParams& p) {
 #pragma omp parallel for schedule(static) num_threads(p.num_threads) if (p.num_threads > 1)
   for (int64_t i = 0; i < p.rows; ++i) {
     const float* s = p.s + i * p.ld_s;
-    const RowView r{s, p.col_ids, kMask ? p.row_ids[i] : 0, neg_coefficient(p)};
+    const RowView r{s, p.col_ids, kMask ? p.row_ids[i] : 0,
+                    hardneg_neg_coefficient(kMode, p.inv_tau, p.alpha)};
     const int64_t pos = p.pos_offset + i;
     const float s_pos = s[pos];
     const float z_pos = hardneg_logit(s_pos, true, kMode, p.inv_tau, p.alpha);
@@ -267,7 +265,8 @@ void block_update_impl(const HardnegLossParams& p) {
 #pragma omp parallel for schedule(static) num_threads(p.num_threads) if (p.num_threads > 1)
   for (int64_t i = 0; i < p.rows; ++i) {
     const float* s = p.s + i * p.ld_s;
-    const RowView r{s, p.col_ids, kMask ? p.row_ids[i] : 0, neg_coefficient(p)};
+    const RowView r{s, p.col_ids, kMask ? p.row_ids[i] : 0,
+                    hardneg_neg_coefficient(kMode, p.inv_tau, p.alpha)};
     const int64_t pos = p.pos_offset + i;
     if (pos >= 0 && pos < p.cols) {
       p.s_pos[i] = s[pos];
